@@ -1,0 +1,1 @@
+"""Contrastive and non-contrastive objectives as pure functions on tensors."""
