@@ -65,7 +65,8 @@ def check_like(x: Tensor, ref: Tensor, name: str, ref_name: str, *, same_rows: b
 
 def check_pair(a: object, b: object, name_a: str, name_b: str, *, min_rows: int = 1
                ) -> tuple[Tensor, Tensor]:
-    """Two (N, D) tensors of identical shape, dtype and device (row i of a pairs with row i of b)."""
+    """Two (N, D) tensors of identical shape, dtype and device (row i of a pairs with row i
+    of b)."""
     a = check_embeddings(a, name_a, min_rows=min_rows)
     b = check_embeddings(b, name_b, min_rows=min_rows)
     if a.shape != b.shape:
@@ -127,3 +128,70 @@ def check_mask(mask: object, name: str, n: int, m: int, device: torch.device) ->
     if mask.device != device:
         raise ValueError(f"{name}: expected device {device}, got {mask.device}")
     return mask
+
+
+def check_number(value: object, name: str) -> float:
+    """A finite real number (bool refused)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) \
+            or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def check_fraction(value: object, name: str, *, include_one: bool = False) -> float:
+    """A finite number in [0, 1) (or [0, 1] with include_one)."""
+    upper = "1]" if include_one else "1)"
+    if not isinstance(value, (int, float)) or isinstance(value, bool) \
+            or not math.isfinite(value) or value < 0 \
+            or (value > 1 if include_one else value >= 1):
+        raise ValueError(f"{name}: expected a number in [0, {upper}, got {value!r}")
+    return float(value)
+
+
+def check_tile_size(tile: object, name: str = "tile") -> None:
+    """None (automatic), 0 (full computation) or a positive integer tile size."""
+    if tile is None:
+        return
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 0:
+        raise ValueError(
+            f"{name}: expected None (automatic), 0 (full) or a positive integer, got {tile!r}"
+        )
+
+
+def check_scalar_like(value: object, name: str, ref: Tensor, ref_name: str) -> Tensor:
+    """A learnable scalar: a one-element tensor of shape () or (1,) with ref's dtype and device,
+    finite; a Python number is taken as a constant of ref's dtype. Returns a 0-d tensor."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        check_number(value, name)
+        return torch.tensor(float(value), dtype=ref.dtype, device=ref.device)
+    value = check_tensor(value, name)
+    if value.numel() != 1 or value.ndim > 1:
+        raise ValueError(f"{name}: expected a scalar of shape () or (1,), got {_shape(value)}")
+    if value.dtype != ref.dtype:
+        raise ValueError(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {value.dtype}")
+    if value.device != ref.device:
+        raise ValueError(
+            f"{name}: expected device {ref.device} like {ref_name}, got {value.device}"
+        )
+    check_finite(value, name)
+    return value.reshape(())
+
+
+def check_view_logits(x: object, name: str, *, min_views: int = 1) -> Tensor:
+    """A floating (V, N, K) tensor of per-view logits with V >= min_views, N >= 1, K >= 1,
+    all finite."""
+    x = check_tensor(x, name)
+    if x.ndim != 3:
+        raise ValueError(
+            f"{name}: expected a 3-D tensor (views, N, K), got shape {_shape(x)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[0] < min_views:
+        raise ValueError(
+            f"{name}: expected at least {min_views} views, got shape {_shape(x)}"
+        )
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(f"{name}: expected at least one row and one column, got {_shape(x)}")
+    check_finite(x, name)
+    return x
