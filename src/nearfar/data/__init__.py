@@ -1,0 +1,55 @@
+"""Data sources: bundled real data, image folders, CSV/JSONL manifests, and fast batches.
+
+Everything loads into an in-memory :class:`ImageDataset` (uint8 images, labels,
+aligned per-item metadata, a content hash for the model card)::
+
+    from nearfar.data import load_dataset, train_test_split, BatchLoader
+
+    ds = load_dataset("mnist5k")                     # or "digits", or a folder/manifest path
+    train, test = train_test_split(ds, seed=0)       # 4,000 / 1,000, stratified
+    for batch in BatchLoader(train, 256, seed=0):    # batch.images float (256, 1, 28, 28)
+        ...
+"""
+
+from nearfar.data.batches import (
+    Batch,
+    BatchLoader,
+    batch_indices,
+    batches,
+    num_batches,
+    take,
+)
+from nearfar.data.bundled import (
+    available_datasets,
+    load_dataset,
+    load_digits,
+    load_mnist5k,
+    register_dataset,
+)
+from nearfar.data.dataset import ImageDataset, to_float
+from nearfar.data.folders import load_image_folder
+from nearfar.data.images import IMAGE_SUFFIXES, ImageReadError
+from nearfar.data.manifest import load_manifest
+from nearfar.data.split import split_indices, train_test_split
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Batch",
+    "BatchLoader",
+    "ImageDataset",
+    "ImageReadError",
+    "available_datasets",
+    "batch_indices",
+    "batches",
+    "load_dataset",
+    "load_digits",
+    "load_image_folder",
+    "load_manifest",
+    "load_mnist5k",
+    "num_batches",
+    "register_dataset",
+    "split_indices",
+    "take",
+    "to_float",
+    "train_test_split",
+]
