@@ -195,3 +195,43 @@ def check_view_logits(x: object, name: str, *, min_views: int = 1) -> Tensor:
         raise ValueError(f"{name}: expected at least one row and one column, got {_shape(x)}")
     check_finite(x, name)
     return x
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """One of a few fixed strings."""
+    if not isinstance(value, str) or value not in choices:
+        expected = " or ".join(repr(c) for c in choices)
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return value
+
+
+def check_tile(tile: object, name: str = "tile") -> int | None:
+    """None (automatic), 0 (never tile) or a positive number of rows/columns per tile."""
+    if tile is None:
+        return None
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
+        raise ValueError(
+            f"{name}: expected None (automatic), 0 (full matrix) or an integer > 0 "
+            f"(rows/columns per tile), got {tile!r}"
+        )
+    return tile
+
+
+def check_steps(x: object, name: str, *, min_rows: int = 1) -> Tensor:
+    """A floating (B, K, D) tensor (B items, K steps, D features), B >= min_rows, all finite."""
+    x = check_tensor(x, name)
+    if x.ndim != 3:
+        raise ValueError(f"{name}: expected a 3-D tensor (B, K, D), got shape {_shape(x)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(
+            f"{name}: expected at least one step and one feature, got shape {_shape(x)}"
+        )
+    if x.shape[0] < min_rows:
+        raise ValueError(
+            f"{name}: expected at least {min_rows} items (a batch of {min_rows} or more is "
+            f"needed for negatives), got {x.shape[0]}"
+        )
+    check_finite(x, name)
+    return x
