@@ -205,18 +205,6 @@ def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_tile(tile: object, name: str = "tile") -> int | None:
-    """None (automatic), 0 (never tile) or a positive number of rows/columns per tile."""
-    if tile is None:
-        return None
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
-        raise ValueError(
-            f"{name}: expected None (automatic), 0 (full matrix) or an integer > 0 "
-            f"(rows/columns per tile), got {tile!r}"
-        )
-    return tile
-
-
 def check_steps(x: object, name: str, *, min_rows: int = 1) -> Tensor:
     """A floating (B, K, D) tensor (B items, K steps, D features), B >= min_rows, all finite."""
     x = check_tensor(x, name)
