@@ -1,0 +1,12 @@
+"""Protocols on frozen embeddings: weighted kNN, linear probe, batched embedding.
+
+Each metric records the protocol that produced it (name, settings, split sizes) so
+that a card can state it next to the number.
+"""
+
+from nearfar.evaluate.embed import embed_dataset
+from nearfar.evaluate.knn import knn_accuracy, knn_predict
+from nearfar.evaluate.linear_probe import linear_probe
+from nearfar.evaluate.result import Result
+
+__all__ = ["Result", "embed_dataset", "knn_accuracy", "knn_predict", "linear_probe"]
