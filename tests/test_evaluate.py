@@ -161,8 +161,8 @@ def test_linear_probe_is_deterministic_and_adam_works():
     a = linear_probe(x, y, x, y, epochs=20)
     b = linear_probe(x, y, x, y, epochs=20)
     assert a == b
-    c = linear_probe(x, y, x, y, optimizer="adam", epochs=15, batch_size=64, seed=3)
-    d = linear_probe(x, y, x, y, optimizer="adam", epochs=15, batch_size=64, seed=3)
+    c = linear_probe(x, y, x, y, optimizer="adam", epochs=15, batch_size=64, lr=0.05, seed=3)
+    d = linear_probe(x, y, x, y, optimizer="adam", epochs=15, batch_size=64, lr=0.05, seed=3)
     assert c == d and c["accuracy"] > 0.9
     assert c["protocol"]["batch_size"] == 64 and a["protocol"]["batch_size"] == "full"
 
