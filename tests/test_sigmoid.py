@@ -164,7 +164,7 @@ def test_python_numbers_are_constants():
 def test_params_module_initialisation_and_forward():
     params = SigLipParams()
     assert math.isclose(float(params.logit_scale.detach().exp()), 10.0, rel_tol=1e-6)
-    assert float(params.logit_bias) == -10.0
+    assert float(params.logit_bias.detach()) == -10.0
     assert {name for name, _ in params.named_parameters()} == {"logit_scale", "logit_bias"}
     image, text = torch.randn(6, 8), torch.randn(6, 8)
     loss = params(image, text, tile=4)
