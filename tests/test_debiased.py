@@ -29,7 +29,7 @@ def reference_hard_negative(z1, z2, t, tau_plus, beta, exclude=None):
         else:
             reweighted = torch.zeros((), dtype=z.dtype)
         ng = (-tau_plus * m * pos + reweighted) / (1 - tau_plus)
-        ng = torch.clamp(ng, min=m * math.exp(-1 / t))
+        ng = torch.maximum(ng, m * torch.exp(torch.as_tensor(-1 / t, dtype=z.dtype)))
         loss = loss - torch.log(pos / (pos + ng))
     return loss / n2
 
