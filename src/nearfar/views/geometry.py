@@ -6,7 +6,8 @@ Each geometric op is a per-image 3x3 matrix that maps *output* coordinates to
 consecutive geometric ops in a :class:`nearfar.views.Compose` multiplies its
 matrices and resamples the batch once (one ``affine_grid`` + ``grid_sample``):
 faster, and only one bilinear interpolation blurs the image. Areas that come from
-outside the source image are filled with 0 (black).
+outside the source image are filled with 0 (black); a crop touching the image's
+edge is not darkened there.
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ def apply_geometry(x: Tensor, ops: Sequence[GeometricOp],
     grid = F.affine_grid(theta[:, :2].to(grid_dtype), [b, c, size[0], size[1]],
                          align_corners=False)
     src = x if x.dtype == grid_dtype else x.to(grid_dtype)
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.to(x.dtype)
+    # "border" so that points inside the image but beyond the outermost pixel centres
+    # (the half-pixel rim a crop at the edge samples) are not darkened by the padding;
+    # points outside the image altogether (rotation, shift) are then set to 0.
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).unsqueeze(1)
+    return (out * inside).to(x.dtype)
 
 
 def _parse_size(size: Any, where: str) -> tuple[int, int] | None:
