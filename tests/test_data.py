@@ -26,7 +26,6 @@ from nearfar.data import (
     train_test_split,
 )
 
-
 MNIST5K_SHA256 = "9fb4ea50634f9d2ba995a23ccd3ef4f62f347cbdc81ca8f386854480570951be"
 
 

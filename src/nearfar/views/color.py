@@ -15,11 +15,12 @@ from torch import Tensor
 from nearfar.views.base import ViewOp, check_number, check_probability, check_range, coin, uniform
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as torchvision's rgb_to_grayscale
-_RGB_TO_YIQ = (
-    (0.299, 0.587, 0.114),
-    (0.596, -0.274, -0.322),
-    (0.211, -0.523, 0.312),
-)
+_RGB_TO_YIQ = torch.tensor([
+    [0.299, 0.587, 0.114],
+    [0.596, -0.274, -0.322],
+    [0.211, -0.523, 0.312],
+], dtype=torch.float64)
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
 def luma(x: Tensor) -> Tensor:
@@ -104,8 +105,8 @@ class ColorJitter(ViewOp):
 
 
 def _hue_rotate(x: Tensor, turns: Tensor) -> Tensor:
-    to_yiq = torch.tensor(_RGB_TO_YIQ, device=x.device, dtype=torch.float32)
-    from_yiq = torch.linalg.inv(to_yiq)
+    to_yiq = _RGB_TO_YIQ.to(x.device, torch.float32)
+    from_yiq = _YIQ_TO_RGB.to(x.device, torch.float32)
     angle = turns.float() * (2.0 * math.pi)
     cos, sin = torch.cos(angle), torch.sin(angle)
     rot = torch.zeros(len(turns), 3, 3, device=x.device)

@@ -64,10 +64,9 @@ def apply_geometry(x: Tensor, ops: Sequence[GeometricOp],
     for op in ops:
         theta = theta @ op.matrices(b, size, generator, x.device)
         size = op.output_size(size)
-    grid_dtype = x.dtype if x.device.type != "cpu" else torch.float32
-    grid = F.affine_grid(theta[:, :2].to(grid_dtype), [b, c, size[0], size[1]],
-                         align_corners=False)
-    src = x if x.dtype == grid_dtype else x.to(grid_dtype)
+    # float32 sampling whatever the batch dtype: cheap here, and exact enough for identity maps
+    grid = F.affine_grid(theta[:, :2], [b, c, size[0], size[1]], align_corners=False)
+    src = x if x.dtype == torch.float32 else x.to(torch.float32)
     # "border" so that points inside the image but beyond the outermost pixel centres
     # (the half-pixel rim a crop at the edge samples) are not darkened by the padding;
     # points outside the image altogether (rotation, shift) are then set to 0.
@@ -128,7 +127,7 @@ class RandomResizedCrop(GeometricOp):
         cw = torch.sqrt(area * ratio * h / w)   # crop width / image width
         ch = torch.sqrt(area / ratio * w / h)   # crop height / image height
         fits = (cw <= 1.0) & (ch <= 1.0)
-        first = fits.to(torch.int8).argmax(dim=1, keepdim=True)
+        first = fits.float().argmax(dim=1, keepdim=True)  # first crop that fits
         cw = cw.gather(1, first).squeeze(1)
         ch = ch.gather(1, first).squeeze(1)
         use = apply & fits.any(dim=1)
@@ -222,7 +221,12 @@ class RandomAffine(GeometricOp):
         fwd[:, 0, 1] = (cos * shear + sin) * zoom
         fwd[:, 1, 0] = -sin * zoom
         fwd[:, 1, 1] = (-sin * shear + cos) * zoom
-        inv = torch.linalg.inv(fwd)
+        # closed-form 2x2 inverse (det = zoom^2 > 0): no solver, no device sync
+        det = (fwd[:, 0, 0] * fwd[:, 1, 1] - fwd[:, 0, 1] * fwd[:, 1, 0]).view(n, 1, 1)
+        inv = torch.stack([
+            torch.stack([fwd[:, 1, 1], -fwd[:, 0, 1]], dim=1),
+            torch.stack([-fwd[:, 1, 0], fwd[:, 0, 0]], dim=1),
+        ], dim=1) / det
         t = torch.stack([tx, ty], dim=1).unsqueeze(2)
         pixel = _eye(n, device)
         pixel[:, :2, :2] = inv
