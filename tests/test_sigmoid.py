@@ -63,11 +63,11 @@ def test_matches_reference_values_and_gradients(tile, scale, bias):
 
 def test_gradcheck_tiled_function():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, 2, generator=g, dtype=torch.float64, requires_grad=True)
     s = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(-0.4, dtype=torch.float64, requires_grad=True)
-    for tile in (2, 4):
+    for tile in (2, 3):     # 5 rows: the last tile is partial
         assert torch.autograd.gradcheck(lambda *a, t=tile: SigLipTiled.apply(*a, t), (x, y, s, b))
 
 
