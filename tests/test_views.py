@@ -105,7 +105,10 @@ def test_geometry_conventions(rgb):
     assert torch.allclose(HorizontalFlip(p=1.0)(rgb), rgb.flip(-1), atol=1e-6)
     rot = RandomAffine(degrees=(90, 90))(rgb)  # counter-clockwise on screen
     assert torch.allclose(rot, torch.rot90(rgb, 1, dims=(2, 3)), atol=1e-5)
-    # a 1-pixel shift: translate range [f, f] is not expressible, so shift via the matrix
+    # half a turn of a non-square image is both flips (checks the pixel-aspect handling)
+    tall = torch.rand(4, 2, 12, 7, generator=gen(9))
+    half_turn = RandomAffine(degrees=(180, 180))(tall)
+    assert torch.allclose(half_turn, tall.flip(-1).flip(-2), atol=1e-5)
     flip2 = Compose([HorizontalFlip(p=1.0), HorizontalFlip(p=1.0)])(rgb)
     assert torch.allclose(flip2, rgb, atol=1e-6)
 

@@ -6,8 +6,12 @@ Each geometric op is a per-image 3x3 matrix that maps *output* coordinates to
 consecutive geometric ops in a :class:`nearfar.views.Compose` multiplies its
 matrices and resamples the batch once (one ``affine_grid`` + ``grid_sample``):
 faster, and only one bilinear interpolation blurs the image. Areas that come from
-outside the source image are filled with 0 (black); a crop touching the image's
-edge is not darkened there.
+outside the source image are filled with 0 (black).
+
+The frame is ``align_corners=True``: -1 and +1 are the centres of the outermost
+pixels, so a crop box inside [-1, 1] only ever samples between pixel centres (a
+crop touching the edge is not darkened by the padding) and the identity, flips
+and quarter turns are exact.
 """
 
 from __future__ import annotations
@@ -65,14 +69,10 @@ def apply_geometry(x: Tensor, ops: Sequence[GeometricOp],
         theta = theta @ op.matrices(b, size, generator, x.device)
         size = op.output_size(size)
     # float32 sampling whatever the batch dtype: cheap here, and exact enough for identity maps
-    grid = F.affine_grid(theta[:, :2], [b, c, size[0], size[1]], align_corners=False)
+    grid = F.affine_grid(theta[:, :2], [b, c, size[0], size[1]], align_corners=True)
     src = x if x.dtype == torch.float32 else x.to(torch.float32)
-    # "border" so that points inside the image but beyond the outermost pixel centres
-    # (the half-pixel rim a crop at the edge samples) are not darkened by the padding;
-    # points outside the image altogether (rotation, shift) are then set to 0.
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).unsqueeze(1)
-    return (out * inside).to(x.dtype)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.to(x.dtype)
 
 
 def _parse_size(size: Any, where: str) -> tuple[int, int] | None:
@@ -231,6 +231,7 @@ class RandomAffine(GeometricOp):
         pixel = _eye(n, device)
         pixel[:, :2, :2] = inv
         pixel[:, :2, 2:] = -inv @ t
-        half = torch.tensor([w / 2.0, h / 2.0, 1.0], device=device)
+        # pixels per normalised unit (align_corners=True: +-1 are the outer pixel centres)
+        half = torch.tensor([max(w - 1, 1) / 2.0, max(h - 1, 1) / 2.0, 1.0], device=device)
         # normalised -> pixel (S), pixel map, pixel -> normalised (S^-1)
         return pixel * half.view(1, 1, 3) / half.view(1, 3, 1)

@@ -119,7 +119,8 @@ class TwoViews:
     list of op dicts.
 
     ``views(x, generator) -> (x1, x2)``, both (B, C, H', W') float in [0, 1]; row i
-    of ``x1`` and row i of ``x2`` are the positive pair.
+    of ``x1`` and row i of ``x2`` are the positive pair. A shared pipeline runs once
+    on the batch stacked twice (``cat([x, x])``), which is faster on a GPU.
     """
 
     def __init__(self, view_1: Compose | ViewOp | Sequence[Any],
@@ -134,6 +135,11 @@ class TwoViews:
     def __call__(self, x: Tensor, generator: torch.Generator | None = None
                  ) -> tuple[Tensor, Tensor]:
         x = as_float_batch(x, "x")
+        if self.shared:
+            # one pass over the doubled batch: half the kernel launches, and every row
+            # (so each of the two copies of an image) still draws its own parameters
+            both = self.view_1(torch.cat([x, x]), generator)
+            return both[: len(x)], both[len(x):]
         return self.view_1(x, generator), self.view_2(x, generator)
 
     def describe(self) -> dict[str, Any]:
