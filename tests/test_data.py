@@ -141,6 +141,8 @@ def test_registry_and_unknown_name(tmp_path):
     assert len(load_dataset("digits")) == 1797
     with pytest.raises(ValueError, match="unknown dataset 'nope'.*digits.*mnist5k"):
         load_dataset("nope")
+    with pytest.raises(ValueError, match="unexpected argument.*image_size; allowed: none"):
+        load_dataset("digits", image_size=4)
     _png(tmp_path / "imgs" / "a.png", 10)
     assert len(load_dataset(str(tmp_path / "imgs"))) == 1
 

@@ -6,6 +6,7 @@ generators, shards) can add names with :func:`register_dataset`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -112,7 +113,17 @@ def load_dataset(name: str, **kwargs: Any) -> ImageDataset:
         raise ValueError(f"name: expected a dataset name or a path, got {type(name).__name__}")
     key = str(name)
     if key in _REGISTRY:
-        return _REGISTRY[key](**kwargs)
+        loader = _REGISTRY[key]
+        params = inspect.signature(loader).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        unknown = [k for k in kwargs if k not in params and not takes_any]
+        if unknown:
+            allowed = ", ".join(params) or "none"
+            raise ValueError(
+                f"load_dataset({key!r}): unexpected argument(s) {', '.join(unknown)}; "
+                f"allowed: {allowed}"
+            )
+        return loader(**kwargs)
     path = Path(key).expanduser()
     if path.is_dir():
         from nearfar.data.folders import load_image_folder
