@@ -136,7 +136,6 @@ class TiledInfoNCE(torch.autograd.Function):
                 a = scaled[i0:i1]
                 run_max = anchors.new_full((r,), neg_inf)
                 run_sum = anchors.new_zeros(r)   # sum of exp(s - ref), ref = run_max or 0
-                ref = anchors.new_zeros(r)
                 for j0 in range(0, m, cols):
                     j1 = min(j0 + cols, m)
                     s = torch.mm(a, cand_t[:, j0:j1], out=buffer[: r * (j1 - j0)].view(r, -1))
@@ -144,10 +143,10 @@ class TiledInfoNCE(torch.autograd.Function):
                     if w is not None:
                         pos[i0:i1] += torch.where(w, s, 0.0).sum(1)
                     _exclude_(s, plan, i0, i1, j0, j1, neg_inf)
-                    run_max = torch.maximum(run_max, s.amax(1))
-                    new_ref = run_max.masked_fill(run_max == neg_inf, 0.0)
-                    run_sum.mul_(torch.exp(ref - new_ref))
-                    ref = new_ref
+                    new_max = torch.maximum(run_max, s.amax(1))
+                    ref = new_max.masked_fill(new_max == neg_inf, 0.0)
+                    run_sum.mul_(torch.exp(run_max - ref))    # 0 while nothing was scored
+                    run_max = new_max
                     run_sum += s.sub_(ref[:, None]).exp_().sum(1)
                 lse[i0:i1] = ref + run_sum.log()
         if pos is not None:

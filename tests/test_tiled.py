@@ -1,0 +1,188 @@
+"""The exact tiled path: same values and gradients as the full matrix, without holding it."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.profiler import ProfilerActivity, profile
+
+from nearfar.losses import info_nce, nt_xent, supcon
+from nearfar.losses.tiled import TilePlan, count_tile_positives, tiled_info_nce
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # these tests run many tiny ops; intra-op threads only add synchronisation (and stall
+    # badly when other processes share the cores)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def leaves(*shapes, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def value_and_grads(fn, inputs):
+    value = fn(*inputs)
+    grads = torch.autograd.grad(value, inputs, allow_unused=True)
+    return value.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def assert_tiled_equals_full(fn, inputs, tile, rtol):
+    full, full_grads = value_and_grads(lambda *x: fn(*x, tile=0), inputs)
+    tiled, tiled_grads = value_and_grads(lambda *x: fn(*x, tile=tile), inputs)
+    assert abs(float(tiled - full)) <= rtol * abs(float(full))
+    for t, f in zip(tiled_grads, full_grads):
+        assert float((t - f).norm()) <= rtol * float(f.norm()) + 1e-14
+
+
+# --------------------------------------------------------------------------- the Function
+
+
+def _plans(n, m):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(n, m, generator=g) < 0.4
+    mask[:, 0] = True
+    exclude = torch.rand(n, m, generator=g) < 0.2
+    exclude[:, 0] = exclude[:, 1] = False
+    labels = torch.arange(n) % 2
+    cand_labels = torch.arange(m) % 2
+    yield TilePlan(rows=2, cols=3)
+    yield TilePlan(rows=2, cols=3, exclude_self=True)
+    yield TilePlan(rows=3, cols=2, exclude_mask=exclude)
+    for plan in (TilePlan(rows=2, cols=2, positive_mask=mask, exclude_self=True),
+                 TilePlan(rows=4, cols=3, anchor_labels=labels, candidate_labels=cand_labels,
+                          exclude_mask=exclude)):
+        counts = count_tile_positives(plan, n, m, torch.device("cpu"))
+        yield TilePlan(**{**plan.__dict__, "positive_counts": counts})
+
+
+@pytest.mark.parametrize("plan", list(_plans(5, 7)), ids=lambda p: "plan")
+def test_gradcheck(plan):
+    a, c, scale = leaves((5, 3), (7, 3), (), seed=1)
+    with torch.no_grad():
+        scale.fill_(1.3)
+    assert torch.autograd.gradcheck(lambda a, c, s: tiled_info_nce(a, c, s, plan), (a, c, scale))
+
+
+def test_gradcheck_same_tensor_on_both_sides():
+    (z, scale), plan = leaves((6, 3), (), seed=2), TilePlan(rows=4, cols=4, exclude_self=True)
+    assert torch.autograd.gradcheck(lambda z, s: tiled_info_nce(z, z, s, plan), (z, scale))
+
+
+def test_function_returns_per_anchor_log_sum_exp():
+    a, c = torch.randn(5, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    out = tiled_info_nce(a, c, scale, TilePlan(rows=2, cols=4))
+    torch.testing.assert_close(out, torch.logsumexp(2 * a @ c.T, 1), rtol=1e-12, atol=0)
+
+
+def test_function_is_stable_for_huge_scores():
+    # dot products of several hundred: a naive exp overflows; the online max must not
+    a, c = 30 * torch.randn(6, 4, dtype=torch.float64), 30 * torch.randn(10, 4, dtype=torch.float64)
+    scale = torch.tensor(1.0, dtype=torch.float64)
+    out = tiled_info_nce(a, c, scale, TilePlan(rows=4, cols=3, exclude_self=True))
+    ref = torch.logsumexp((a @ c.T).fill_diagonal_(float("-inf")), 1)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------- tiled == full
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 23), extra=st.integers(0, 9), d=st.integers(1, 6),
+       tile=st.integers(1, 11), kind=st.sampled_from(["index", "mask", "self", "exclude"]),
+       seed=st.integers(0, 2**16))
+def test_info_nce_tiled_equals_full_float64(n, extra, d, tile, kind, seed):
+    m = n + extra
+    a, c, t = leaves((n, d), (m, d), (), seed=seed)
+    with torch.no_grad():
+        t.fill_(0.4)
+    g = torch.Generator().manual_seed(seed)
+    index = (torch.arange(n) + 1) % m
+    exclude = None
+    positives = index
+    if kind == "mask":
+        positives = torch.rand(n, m, generator=g) < 0.3
+        positives[torch.arange(n), index] = True
+    elif kind == "self":
+        exclude = "self"
+    elif kind == "exclude":
+        exclude = torch.rand(n, m, generator=g) < 0.3
+        exclude[torch.arange(n), index] = False
+    assert_tiled_equals_full(
+        lambda a, c, t, tile: info_nce(a, c, positives, exclude=exclude, temperature=t,
+                                       tile=tile),
+        [a, c, t], tile, 1e-10)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(4, 40), classes=st.integers(1, 4), tile=st.integers(1, 17),
+       with_exclude=st.booleans(), seed=st.integers(0, 2**16))
+def test_supcon_tiled_equals_full_float64(n, classes, tile, with_exclude, seed):
+    (z, t), g = leaves((n, 3), (), seed=seed), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        t.fill_(0.2)
+    k = min(classes, n // 2)
+    labels = torch.arange(n) % k
+    exclude = None
+    if with_exclude:       # drop some pairs but keep one same-label partner, k rows away
+        exclude = torch.rand(n, n, generator=g) < 0.2
+        i = torch.arange(n)
+        exclude[i, torch.where(i + k < n, i + k, i - k)] = False
+    assert_tiled_equals_full(
+        lambda z, t, tile: supcon(z, labels, temperature=t, exclude=exclude, tile=tile),
+        [z, t], tile, 1e-10)
+
+
+@pytest.mark.parametrize("n, tile", [(300, 64), (257, 100), (512, 512)])
+def test_nt_xent_tiled_equals_full_float32(n, tile):
+    z1, z2, t = leaves((n, 32), (n, 32), (), dtype=torch.float32, seed=n)
+    with torch.no_grad():
+        t.fill_(0.1)
+    assert_tiled_equals_full(lambda a, b, t, tile: nt_xent(a, b, temperature=t, tile=tile),
+                             [z1, z2, t], tile, 1e-5)
+
+
+def test_supcon_tiled_equals_full_float32():
+    (z, t), labels = leaves((600, 32), (), dtype=torch.float32, seed=3), torch.arange(600) % 7
+    with torch.no_grad():
+        t.fill_(0.1)
+    assert_tiled_equals_full(lambda z, t, tile: supcon(z, labels, temperature=t, tile=tile),
+                             [z, t], 128, 1e-5)
+
+
+def test_automatic_choice_matches_both_paths():
+    z1, z2 = leaves((40, 8), (40, 8), seed=4)
+    auto = nt_xent(z1, z2)
+    torch.testing.assert_close(auto, nt_xent(z1, z2, tile=0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(auto, nt_xent(z1, z2, tile=7), rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _largest_allocation(fn):
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.self_cpu_memory_usage for e in prof.events())
+
+
+@pytest.mark.parametrize("kind", ["nt_xent", "supcon"])
+def test_tiled_path_never_allocates_the_score_matrix(kind):
+    n, d, tile = 512, 16, 256            # 2N = 1024: the score matrix would be 4 MiB
+    z1, z2 = leaves((n, d), (n, d), dtype=torch.float32, seed=5)
+    labels = torch.arange(2 * n) % 10
+    if kind == "nt_xent":
+        def loss(tile):
+            return nt_xent(z1, z2, tile=tile)
+    else:
+        def loss(tile):
+            return supcon(torch.cat([z1, z2]), labels, tile=tile)
+    score_matrix = (2 * n) ** 2 * 4
+    assert _largest_allocation(lambda: loss(0).backward()) >= score_matrix   # the probe works
+    largest = _largest_allocation(lambda: loss(tile).backward())
+    assert largest <= max(tile * tile * 4, 2 * n * d * 8), largest
