@@ -1,0 +1,17 @@
+"""Encoders and heads: ``SmallCNN``, ``ResNet18``, ``MLP``, ``ProjectionHead``."""
+
+from nearfar.nn.encoders import MLP, BasicBlock, ResNet18, SmallCNN
+from nearfar.nn.heads import ProjectionHead
+from nearfar.nn.registry import ENCODERS, build_encoder, parameter_count, register_encoder
+
+__all__ = [
+    "ENCODERS",
+    "MLP",
+    "BasicBlock",
+    "ProjectionHead",
+    "ResNet18",
+    "SmallCNN",
+    "build_encoder",
+    "parameter_count",
+    "register_encoder",
+]
