@@ -70,45 +70,44 @@ def siglip_loss(image: Tensor, text: Tensor, logit_scale: Tensor | float,
     return SigLipTiled.apply(img, txt, logit_scale, logit_bias, tile) / n
 
 
-def _tile_logits(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
-    return scale * (x @ y.T) + bias
-
-
-def _tile_labels(logits: Tensor, r0: int, c0: int) -> Tensor | None:
-    """The +-1 labels of tile (r0.., c0..), or None when the tile misses the diagonal
-    (all labels -1)."""
-    rows, cols = logits.shape
+def _diagonal(r0: int, c0: int, rows: int, cols: int, device: torch.device
+              ) -> tuple[Tensor, Tensor] | None:
+    """Tile-local (row, col) indices of the global diagonal inside tile (r0.., c0..), or
+    None when the tile misses it (every label there is -1)."""
     lo, hi = max(r0, c0), min(r0 + rows, c0 + cols)
     if lo >= hi:
         return None
-    labels = torch.full_like(logits, -1.0)
-    k = torch.arange(lo, hi, device=logits.device)
-    labels[k - r0, k - c0] = 1.0
-    return labels
+    k = torch.arange(lo, hi, device=device)
+    return k - r0, k - c0
 
 
 class SigLipTiled(torch.autograd.Function):
     """Exact tiled sum of -log sigmoid(label * logits) over the N x N logits.
 
     Forward visits (row-block, column-block) tiles and keeps only the running sum;
-    backward recomputes each tile and uses d/dl [-log sigmoid(y l)] = -y sigmoid(-y l).
-    Memory is O(N D + tile^2). Inputs: x, y (N, D) already normalised, log_scale and bias
-    0-d tensors, tile a positive int. Returns the sum (not divided by N).
+    backward recomputes each tile and uses d/dl [-log sigmoid(y l)] = -y sigmoid(-y l),
+    i.e. sigmoid(l) off the diagonal and -sigmoid(-l) on it. Memory is O(N D + tile^2).
+
+    Inputs: x, y (N, D) (normalised by the caller), log_scale and bias 0-d tensors, tile a
+    positive int. Returns the sum (not divided by N). With G = dL/dlogits @ y summed over
+    tiles: dx = scale G, dy = sum of dL/dlogits^T @ (scale x), d log_scale = sum(G * scale x).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, log_scale: Tensor, bias: Tensor,
                 tile: int) -> Tensor:
-        scale = log_scale.exp()
+        xs = x * log_scale.exp()
         n = x.shape[0]
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         for r0 in range(0, n, tile):
-            xr = x[r0:r0 + tile]
+            xr = xs[r0:r0 + tile]
             for c0 in range(0, n, tile):
-                logits = _tile_logits(xr, y[c0:c0 + tile], scale, bias)
-                labels = _tile_labels(logits, r0, c0)
-                signed = logits.neg() if labels is None else labels * logits
-                total += F.logsigmoid(signed).sum(dtype=torch.float64)
+                yc = y[c0:c0 + tile]
+                signed = torch.addmm(bias, xr, yc.T).neg_()      # label -1 ...
+                diag = _diagonal(r0, c0, len(xr), len(yc), x.device)
+                if diag is not None:
+                    signed[diag] = signed[diag].neg()            # ... but +1 on the diagonal
+                total += F.logsigmoid(signed).sum()
         ctx.save_for_backward(x, y, log_scale, bias)
         ctx.tile = tile
         return (-total).to(x.dtype)
@@ -120,36 +119,34 @@ class SigLipTiled(torch.autograd.Function):
         tile = ctx.tile
         need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
         scale = log_scale.exp()
+        xs = x * scale
         n = x.shape[0]
-        grad_x = torch.zeros_like(x) if need_x else None
+        g_rows = torch.zeros_like(x) if (need_x or need_scale) else None   # G = dl @ y
         grad_y = torch.zeros_like(y) if need_y else None
-        # d loss / d log_scale = sum(dl * scale * x y^T) = sum(dl * (logits - bias))
-        grad_scale = torch.zeros((), dtype=torch.float64, device=x.device)
         grad_bias = torch.zeros((), dtype=torch.float64, device=x.device)
         for r0 in range(0, n, tile):
-            xr = x[r0:r0 + tile]
+            xr = xs[r0:r0 + tile]
             for c0 in range(0, n, tile):
                 yc = y[c0:c0 + tile]
-                logits = _tile_logits(xr, yc, scale, bias)
-                labels = _tile_labels(logits, r0, c0)
-                if labels is None:      # y = -1: d/dl = sigmoid(l)
-                    dl = torch.sigmoid(logits)
-                else:
-                    dl = -labels * torch.sigmoid(-labels * logits)
-                if need_x:
-                    grad_x[r0:r0 + tile].addmm_(dl, yc)
+                logits = torch.addmm(bias, xr, yc.T)
+                diag = _diagonal(r0, c0, len(xr), len(yc), x.device)
+                on_diag = None if diag is None else -torch.sigmoid(-logits[diag])
+                dl = logits.sigmoid_()                           # label -1: sigmoid(l)
+                if diag is not None:
+                    dl[diag] = on_diag                           # label +1: -sigmoid(-l)
+                if g_rows is not None:
+                    g_rows[r0:r0 + tile].addmm_(dl, yc)
                 if need_y:
                     grad_y[c0:c0 + tile].addmm_(dl.T, xr)
-                if need_scale:
-                    grad_scale += (dl * (logits - bias)).sum(dtype=torch.float64)
                 if need_bias:
-                    grad_bias += dl.sum(dtype=torch.float64)
-        g = grad_out.to(x.dtype)
+                    grad_bias += dl.sum()
+        grad_x = grad_scale = None
+        if need_scale:
+            grad_scale = ((g_rows * xs).sum(dtype=torch.float64) * grad_out).to(log_scale.dtype)
         if need_x:
-            grad_x.mul_(scale * g)
+            grad_x = g_rows.mul_(scale * grad_out)
         if need_y:
-            grad_y.mul_(scale * g)
-        grad_scale = (grad_scale * grad_out).to(log_scale.dtype) if need_scale else None
+            grad_y.mul_(grad_out)
         grad_bias = (grad_bias * grad_out).to(bias.dtype) if need_bias else None
         return grad_x, grad_y, grad_scale, grad_bias, None
 
