@@ -212,3 +212,44 @@ def test_bad_inputs_name_the_argument(position, bad, name):
 def test_bad_tile(tile):
     with pytest.raises(ValueError, match="tile"):
         siglip_loss(*_good(), tile=tile)
+
+
+def test_tiled_float32_accuracy_in_the_trained_regime():
+    # aligned pairs, a large scale: diagonal logits ~ +40, the loss is small and the
+    # diagonal gradients are -sigmoid(-l) ~ 1e-17; compare against float64
+    g = torch.Generator().manual_seed(5)
+    image = torch.randn(150, 32, generator=g)
+    text = image + 0.05 * torch.randn(150, 32, generator=g)
+    base = [image, text, torch.tensor(math.log(50.0)), torch.tensor(-10.0)]
+    want, want_g = value_and_grads(lambda *a: siglip_loss(*a, tile=0),
+                                   [t.double().requires_grad_() for t in base])
+    for tile in (0, 16, 64):
+        got, got_g = value_and_grads(lambda *a, t=tile: siglip_loss(*a, tile=t),
+                                     [t.clone().requires_grad_() for t in base])
+        assert_close_rel(got.double(), want, 1e-5)
+        for a, b in zip(got_g, want_g):
+            assert_close_rel(a.double(), b, 1e-5)
+
+
+def test_tiled_path_never_holds_the_full_matrix():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, t.numel())
+            return out
+
+    n, d, tile = 96, 4, 16
+    image, text, s, b = make_inputs(n, d)
+    with LargestOutput():
+        loss = siglip_loss(image, text, s, b, tile=tile)
+        loss.backward()
+    assert LargestOutput.largest <= max(tile * tile, n * d) < n * n
+    with LargestOutput():
+        siglip_loss(image, text, s, b, tile=0)
+    assert LargestOutput.largest >= n * n
