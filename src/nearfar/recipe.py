@@ -9,11 +9,14 @@ against that component's constructor when the run is built.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from nearfar.train.config import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,13 +28,14 @@ class RecipeError(ValueError):
     """A recipe key is unknown, has the wrong type, or an override is malformed."""
 
 
-# (type or tuple of types, default). float keys accept ints; "any" sections are open.
+# (type or tuple of types, default). float keys accept ints. "open" sections take a
+# `name` plus that component's constructor keywords, checked when the run is built.
 SCHEMA: dict[str, Any] = {
     "name": (str, "simclr-mnist5k"),
     "seed": (int, 0),
     "device": (str, "auto"),
     "data": {
-        "source": (str, "mnist5k"),        # mnist5k | digits | folder | manifest
+        "source": (str, "mnist5k"),        # a bundled dataset name, or folder | manifest
         "path": (str, ""),                 # for folder / manifest
         "test_size": (float, 1000),        # items (>= 1) or a fraction (< 1)
         "image_size": (int, 0),            # 0: keep (folder/manifest: first image's size)
@@ -43,28 +47,8 @@ SCHEMA: dict[str, Any] = {
         "ops": (list, []),                 # [{name = "...", ...}, ...]
     },
     "encoder": "open",                     # name = "small_cnn" + constructor keywords
-    "head": {
-        "hidden_dim": (int, 512),
-        "out_dim": (int, 128),
-        "keep_for_downstream": (bool, False),
-    },
     "method": "open",                      # name = "simclr" + method keywords
-    "trainer": {
-        "steps": (int, 1000),
-        "batch_size": (int, 256),
-        "optimizer": (str, "adamw"),
-        "lr": (float, 2e-3),
-        "weight_decay": (float, 1e-4),
-        "warmup_steps": (int, 50),
-        "min_lr_ratio": (float, 0.01),
-        "grad_clip": (float, 0.0),
-        "accumulate": (int, 1),
-        "precision": (str, "bf16"),
-        "channels_last": (bool, True),
-        "checkpoint_every": (int, 500),
-        "log_every": (int, 10),
-        "time_budget_s": (float, 0.0),     # 0: no wall-clock budget
-    },
+    "trainer": {},                         # filled from TrainConfig below
     "eval": {
         "knn_k": (int, 20),
         "knn_temperature": (float, 0.07),
@@ -72,6 +56,28 @@ SCHEMA: dict[str, Any] = {
         "probe_epochs": (int, 100),
     },
 }
+
+_ANNOTATION_TYPES: dict[str, Any] = {
+    "int": int, "float": float, "str": str, "bool": bool,
+    "float | None": (float, type(None)), "int | None": (int, type(None)),
+    "tuple[float, float]": list,
+}
+
+
+def _trainer_schema() -> dict[str, Any]:
+    """The [trainer] keys are TrainConfig's fields (device and seed live at the top)."""
+    schema = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("device", "seed"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, tuple):
+            default = list(default)
+        schema[f.name] = (_ANNOTATION_TYPES.get(str(f.type), object), default)
+    return schema
+
+
+SCHEMA["trainer"] = _trainer_schema()
 
 OPEN_DEFAULTS: dict[str, dict[str, Any]] = {
     "encoder": {"name": "small_cnn"},
@@ -83,11 +89,12 @@ def _type_name(t: Any) -> str:
     if isinstance(t, tuple):
         return " or ".join(_type_name(x) for x in t)
     return {str: "a string", int: "an integer", float: "a number", bool: "true/false",
-            list: "a list", dict: "a table"}.get(t, t.__name__)
+            list: "a list", dict: "a table", type(None): "unset"}.get(t, t.__name__)
 
 
 def _check_value(key: str, value: Any, expected: Any) -> Any:
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool) and (
+            expected is float or (isinstance(expected, tuple) and float in expected)):
         return float(value)
     if expected is int and isinstance(value, bool):
         raise RecipeError(f"recipe.{key}: expected {_type_name(expected)}, got {value!r}")

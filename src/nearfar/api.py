@@ -1,0 +1,391 @@
+"""Train from a recipe, evaluate a run, load a trained encoder: the few-line Python API.
+
+    import nearfar
+    run = nearfar.train()                       # the default recipe on bundled MNIST-5k
+    enc = nearfar.load(run.run_dir)
+    z = enc.embed(images)                       # (N, D) L2-normalised embeddings
+
+The command line (`nearfar train | eval | card | views`) is a thin layer over this.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nearfar.card import (
+    build_card,
+    encoder_section,
+    read_card,
+    render_markdown,
+    sha256_file,
+    write_card,
+)
+from nearfar.data import (
+    ImageDataset,
+    load_dataset,
+    load_image_folder,
+    load_manifest,
+    train_test_split,
+)
+from nearfar.evaluate import embed_dataset, knn_accuracy, linear_probe
+from nearfar.methods import build_method
+from nearfar.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
+from nearfar.train import TrainConfig, Trainer, seed_everything
+from nearfar.train.checkpoint import CheckpointError, atomic_write_json, load_weights
+from nearfar.train.trainer import resolve_device
+from nearfar.views import build_two_views, default_mnist_views
+
+RECIPE_FILE = "recipe.json"
+EVAL_FILE = "eval.json"
+VIEW_PRESETS = {"mnist": default_mnist_views}
+
+
+class RunError(ValueError):
+    """A run directory is missing, incomplete, or does not match what was asked."""
+
+
+# ------------------------------------------------------------------ building blocks
+
+def as_recipe(recipe: Recipe | dict | str | os.PathLike | None,
+              overrides: list[str] | None = None) -> Recipe:
+    """A validated :class:`Recipe` from a Recipe, a plain dict, a TOML path, or None."""
+    if isinstance(recipe, Recipe):
+        if overrides:
+            from nearfar.recipe import apply_overrides
+            return recipe_from_dict(apply_overrides(recipe.values, overrides))
+        return recipe
+    if isinstance(recipe, dict):
+        from nearfar.recipe import apply_overrides
+        return recipe_from_dict(apply_overrides(recipe, overrides or []))
+    return load_recipe(recipe, overrides)
+
+
+def load_source(data: dict[str, Any]) -> ImageDataset:
+    """The dataset a recipe's [data] section names (bundled, folder or manifest)."""
+    source, path = data["source"], data["path"]
+    size = data["image_size"] or None
+    gray = True if data["grayscale"] else None
+    if source == "folder":
+        if not path:
+            raise RecipeError("recipe.data.path: expected the image folder for "
+                              "source = \"folder\", got nothing")
+        return load_image_folder(path, image_size=size, grayscale=gray, strict=data["strict"])
+    if source == "manifest":
+        if not path:
+            raise RecipeError("recipe.data.path: expected a .csv or .jsonl manifest for "
+                              "source = \"manifest\", got nothing")
+        return load_manifest(path, image_size=size, grayscale=gray, strict=data["strict"])
+    try:
+        return load_dataset(source)
+    except ValueError as exc:
+        raise RecipeError(f"recipe.data.source: {exc}; or use \"folder\" / \"manifest\" with "
+                          f"data.path") from None
+
+
+def split_source(ds: ImageDataset, data: dict[str, Any], seed: int
+                 ) -> tuple[ImageDataset, ImageDataset]:
+    test_size = data["test_size"]
+    test_size = int(test_size) if test_size >= 1 else float(test_size)
+    return train_test_split(ds, test_size=test_size, seed=seed)
+
+
+def build_views(views: dict[str, Any]):
+    """The positive-pair maker a recipe's [views] section names."""
+    if views["ops"]:
+        try:
+            return build_two_views(views["ops"], where="recipe.views.ops")
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+    preset = views["preset"]
+    if preset not in VIEW_PRESETS:
+        raise RecipeError(f"recipe.views.preset: unknown preset {preset!r}; known: "
+                          f"{', '.join(VIEW_PRESETS)} (or list ops under [[views.ops]])")
+    return VIEW_PRESETS[preset]()
+
+
+def _encoder_kwargs(name: str, given: dict[str, Any], image_shape: tuple[int, int, int]
+                    ) -> dict[str, Any]:
+    """Fill the input size of the encoder from the data unless the recipe sets it."""
+    kwargs = dict(given)
+    c, h, w = image_shape
+    if name in ("small_cnn", "resnet18"):
+        kwargs.setdefault("in_channels", c)
+    elif name == "mlp":
+        kwargs.setdefault("in_dim", c * h * w)
+    return kwargs
+
+
+def build_method_from_recipe(values: dict[str, Any], image_shape: tuple[int, int, int]):
+    enc = dict(values["encoder"])
+    enc_name = enc.pop("name")
+    meth = dict(values["method"])
+    meth_name = meth.pop("name")
+    try:
+        return build_method(meth_name, encoder=enc_name, views=build_views(values["views"]),
+                            encoder_kwargs=_encoder_kwargs(enc_name, enc, image_shape),
+                            seed=values["seed"], **meth)
+    except TypeError as exc:
+        raise RecipeError(f"recipe.method: {exc}") from None
+    except RecipeError:
+        raise
+    except ValueError as exc:
+        raise RecipeError(f"recipe.method / recipe.encoder: {exc}") from None
+
+
+def train_config(values: dict[str, Any], *, progress: bool | None = None) -> TrainConfig:
+    cfg = dict(values["trainer"])
+    cfg["seed"], cfg["device"] = values["seed"], values["device"]
+    if progress is not None:
+        cfg["progress"] = progress
+    try:
+        return TrainConfig.from_dict(cfg)
+    except ValueError as exc:
+        raise RecipeError(f"recipe.trainer: {exc}") from None
+
+
+# ------------------------------------------------------------------ evaluation
+
+def evaluate_embeddings(train_emb: Tensor, train_labels: Tensor | None, test_emb: Tensor,
+                        test_labels: Tensor | None, eval_cfg: dict[str, Any]) -> list[dict]:
+    """kNN and linear probe on frozen embeddings; each result carries its protocol."""
+    if train_labels is None or test_labels is None:
+        return []
+    results = [knn_accuracy(train_emb, train_labels, test_emb, test_labels,
+                            k=min(eval_cfg["knn_k"], len(train_emb)),
+                            temperature=eval_cfg["knn_temperature"]).to_dict()]
+    if eval_cfg["linear_probe"]:
+        probe = linear_probe(train_emb, train_labels, test_emb, test_labels,
+                             epochs=eval_cfg["probe_epochs"])
+        results.append(probe.to_dict() if hasattr(probe, "to_dict") else dict(probe))
+    return results
+
+
+def _run_dir_for(values: dict[str, Any]) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{values['name']}-{stamp}"
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` produced: where, how long, and how good on held-out data."""
+
+    run_dir: Path
+    fit: dict[str, Any]
+    results: list[dict[str, Any]]
+    card: dict[str, Any] = field(repr=False)
+
+    def metric(self, name: str) -> float | None:
+        for r in self.results:
+            if r.get("metric") == name:
+                return float(r["value"])
+        return None
+
+
+def train(recipe: Recipe | dict | str | os.PathLike | None = None, *,
+          overrides: list[str] | None = None, run_dir: str | os.PathLike | None = None,
+          resume: bool = False, progress: bool | None = None) -> RunResult:
+    """Train the encoder a recipe describes, evaluate it on the held-out split, write its card.
+
+    Args:
+        recipe: a :class:`Recipe`, a dict with recipe keys, a TOML path, or None for the
+            packaged default (SimCLR on MNIST-5k).
+        overrides: ``["trainer.steps=200", ...]`` applied over the recipe.
+        run_dir: where checkpoints, metrics, weights and the card go; defaults to
+            ``runs/<name>-<timestamp>``.
+        resume: continue the run in ``run_dir`` from its latest checkpoint, exactly.
+        progress: show a progress bar (None: the recipe's ``trainer.progress``).
+    """
+    rec = as_recipe(recipe, overrides)
+    values = rec.values
+    run_dir = Path(run_dir) if run_dir is not None else _run_dir_for(values)
+    if resume:
+        saved = run_dir / RECIPE_FILE
+        if saved.exists() and recipe is None and not overrides:
+            values, _ = _read_recipe(run_dir)
+            rec = recipe_from_dict(values)
+    seed_everything(values["seed"])
+    dataset = load_source(values["data"])
+    train_ds, test_ds = split_source(dataset, values["data"], values["seed"])
+    method = build_method_from_recipe(values, train_ds.image_shape)
+    config = train_config(values, progress=progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / RECIPE_FILE,
+                      {"recipe": values, "input_shape": list(train_ds.image_shape)})
+    fit = Trainer(method, train_ds, config, run_dir=run_dir).fit(resume=resume)
+
+    device = resolve_device(values["device"])
+    train_emb = _embed_method(method, train_ds.images, device)
+    test_emb = _embed_method(method, test_ds.images, device)
+    results = evaluate_embeddings(train_emb, train_ds.labels, test_emb, test_ds.labels,
+                                  values["eval"])
+    atomic_write_json(run_dir / EVAL_FILE, {"fit": fit.to_dict(), "results": results})
+    card = make_card(run_dir, method, values, dataset, train_ds, test_ds, results, rec.source)
+    return RunResult(run_dir=run_dir, fit=fit.to_dict(), results=results, card=card)
+
+
+def _embed_method(method, images: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:
+    was_training = method.training
+    method.eval()
+    try:
+        return embed_dataset(method.embed, images, batch_size=batch_size, device=device)
+    finally:
+        method.train(was_training)
+
+
+def make_card(run_dir: Path, method, values: dict[str, Any], dataset: ImageDataset,
+              train_ds: ImageDataset, test_ds: ImageDataset, results: list[dict[str, Any]],
+              recipe_source: str) -> dict[str, Any]:
+    described = method.describe()
+    enc_name = values["encoder"]["name"]
+    encoder = encoder_section(architecture=enc_name, weights_path=run_dir / "weights.safetensors",
+                              module=method.encoder, embedding_dim=int(method.encoder.out_dim))
+    data = dict(dataset.describe())
+    data["splits"] = {"train": len(train_ds), "test": len(test_ds),
+                      "seed": values["seed"], "stratified": train_ds.labels is not None}
+    protocol = ("frozen encoder features (projection head "
+                f"{described.get('objective', {}).get('head_downstream', 'dropped')}); "
+                "fit on the train split, scored on the held-out test split")
+    card = build_card(method=described, encoder=encoder, dataset=data,
+                      evaluation={"protocol": protocol, "results": results},
+                      seed=values["seed"], name=values["name"])
+    card["benchmark"] = {"name": f"{data.get('name', 'data')} held-out split",
+                         "metrics": [r["metric"] for r in results]}
+    card["recipe"] = {"source": recipe_source, "values": values}
+    write_card(run_dir, card)
+    return card
+
+
+# ------------------------------------------------------------------ loading
+
+class Encoder:
+    """A trained encoder: ``embed`` maps images to L2-normalised embeddings.
+
+    Attributes:
+        method: the trained method (encoder and head) in eval mode.
+        card: the run's card (dict), when present.
+        run_dir: where it was loaded from.
+        embedding_dim: D of :meth:`embed`'s output.
+    """
+
+    def __init__(self, method, run_dir: Path, card: dict[str, Any] | None,
+                 device: torch.device, image_shape: tuple[int, int, int]) -> None:
+        self.method = method.eval()
+        self.run_dir = run_dir
+        self.card = card
+        self.device = device
+        self.image_shape = image_shape
+        self.embedding_dim = int(method.encoder.out_dim)
+
+    def _as_batch(self, images: Any) -> Tensor:
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
+        if not isinstance(images, Tensor):
+            raise ValueError(f"images: expected a tensor or numpy array, got "
+                             f"{type(images).__name__}")
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"images: expected shape (N, {', '.join(map(str, self.image_shape))})"
+                             f" like the training data, got {tuple(images.shape)}")
+        return images
+
+    @torch.no_grad()
+    def embed(self, images: Any, *, batch_size: int = 512) -> Tensor:
+        """Embed a batch (N, C, H, W) / one image (C, H, W) / an iterable of either.
+
+        uint8 images are scaled to [0, 1]; float images are taken as already in [0, 1].
+        Returns (N, D) float32 L2-normalised embeddings on the CPU, computed in
+        batches of ``batch_size``.
+        """
+        if isinstance(images, (Tensor, np.ndarray)):
+            parts = [self._as_batch(images)]
+        elif isinstance(images, Iterable):
+            parts = [self._as_batch(x) for x in images]
+            if not parts:
+                raise ValueError("images: expected at least one image, got an empty iterable")
+        else:
+            raise ValueError(f"images: expected a tensor, array or iterable of them, got "
+                             f"{type(images).__name__}")
+        out = [embed_dataset(self.method.embed, p, batch_size=batch_size, device=self.device)
+               for p in parts]
+        return F.normalize(torch.cat(out), dim=1)
+
+    __call__ = embed
+
+
+def _read_recipe(run_dir: Path) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """The validated recipe a run was made with, and the (C, H, W) its encoder takes."""
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run directory")
+    path = run_dir / RECIPE_FILE
+    if not path.exists():
+        raise RunError(f"{path}: missing; is {run_dir} a directory made by `nearfar train`?")
+    try:
+        saved = json.loads(path.read_text("utf-8"))
+        shape = tuple(int(s) for s in saved["input_shape"])
+        return recipe_from_dict(saved["recipe"]).values, shape  # type: ignore[return-value]
+    except (json.JSONDecodeError, RecipeError, KeyError, TypeError, ValueError) as exc:
+        raise RunError(f"{path}: cannot be read ({exc})") from None
+
+
+def load(run_dir: str | os.PathLike, *, device: str = "auto") -> Encoder:
+    """The trained encoder of a run directory (weights checked against their recorded hash)."""
+    run_dir = Path(run_dir)
+    values, shape = _read_recipe(run_dir)
+    method = build_method_from_recipe(values, shape)
+    weights = load_weights(run_dir)
+    missing, unexpected = method.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{run_dir}: weights do not fit the recipe's model (missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]})")
+    dev = resolve_device(device)
+    method.to(dev)
+    try:
+        card = read_card(run_dir)
+    except Exception:  # a run without a card still loads; `nearfar card check` reports it
+        card = None
+    return Encoder(method, run_dir, card, dev, shape)
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, data: dict[str, Any] | None = None,
+                 device: str = "auto") -> list[dict[str, Any]]:
+    """Re-run the run's evaluation protocol, on its own held-out split or on other data.
+
+    Args:
+        data: a [data]-style table (``{"source": "folder", "path": ...}``) to evaluate
+            on instead; it is split with the run's test_size and seed.
+    """
+    enc = load(run_dir, device=device)
+    values, _ = _read_recipe(Path(run_dir))
+    data_cfg = dict(values["data"])
+    if data:
+        data_cfg.update(data)
+    ds = load_source(data_cfg)
+    if ds.image_shape != enc.image_shape:
+        raise RunError(f"data: images of shape {ds.image_shape} do not fit this encoder "
+                       f"(trained on {enc.image_shape}); set data.image_size / grayscale")
+    train_ds, test_ds = split_source(ds, data_cfg, values["seed"])
+    if train_ds.labels is None:
+        raise RunError("data: has no labels; kNN and linear probe need labelled data")
+    train_emb = _embed_method(enc.method, train_ds.images, enc.device)
+    test_emb = _embed_method(enc.method, test_ds.images, enc.device)
+    return evaluate_embeddings(train_emb, train_ds.labels, test_emb, test_ds.labels,
+                               values["eval"])
+
+
+def card_markdown(run_dir: str | os.PathLike) -> str:
+    return render_markdown(read_card(run_dir))
+
+
+__all__ = ["Encoder", "RunError", "RunResult", "evaluate_run", "load", "train", "sha256_file"]

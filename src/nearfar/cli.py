@@ -1,0 +1,190 @@
+"""`nearfar`: train, evaluate, inspect and explain contrastive encoders.
+
+    nearfar train [RECIPE.toml] [--set key=value ...] [--run-dir DIR] [--resume]
+    nearfar eval RUN_DIR [--data-source folder --data-path DIR]
+    nearfar card RUN_DIR [--json] | nearfar card check RUN_DIR
+    nearfar views [RECIPE.toml] [--out pairs.png]
+
+Errors a user can cause are printed as one line (`nearfar: error: ...`) with exit
+status 2, never as a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class CommandError(Exception):
+    """An error a user can act on; printed without a traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from nearfar.card import CardError
+    from nearfar.data import ImageReadError
+    from nearfar.train.checkpoint import CheckpointError
+    from nearfar.train.guards import EmbeddingCollapse, TrainingDiverged
+
+    return (CommandError, ValueError, FileNotFoundError, CheckpointError, TrainingDiverged,
+            EmbeddingCollapse, ImageReadError, CardError)
+
+
+def _print_results(results: list[dict]) -> None:
+    if not results:
+        print("no labelled held-out data: kNN and linear probe skipped")
+    for r in results:
+        p = r.get("protocol", {})
+        extra = f" (k={p['k']}, T={p['temperature']})" if p.get("name") == "knn" else ""
+        print(f"  {r['metric']:<20} {r['value']:.4f}{extra}  "
+              f"[{p.get('n_train')} train / {p.get('n_test')} test]")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nearfar.api import train
+
+    run = train(args.recipe, overrides=args.set, run_dir=args.run_dir, resume=args.resume,
+                progress=False if args.no_progress else None)
+    fit = run.fit
+    print(f"trained {fit['step']} steps in {fit['train_time_s']:.1f} s "
+          f"({fit['images_per_s']:.0f} images/s, {fit['stopped']}); final loss "
+          f"{fit['final_loss']:.4f}")
+    print("held-out evaluation (frozen encoder):")
+    _print_results(run.results)
+    print(f"run directory: {run.run_dir}  (card: {run.run_dir / 'card.md'})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from nearfar.api import evaluate_run
+
+    data = None
+    if args.data_source or args.data_path:
+        data = {"source": args.data_source or "folder", "path": args.data_path or ""}
+    results = evaluate_run(args.run_dir, data=data, device=args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"evaluation of {args.run_dir}:")
+        _print_results(results)
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from nearfar.card import missing_fields, read_card, render_markdown
+
+    if args.run_dir == "check":
+        if not args.target:
+            raise CommandError("card check: expected a RUN_DIR, e.g. nearfar card check runs/x")
+        card = read_card(args.target)
+        missing = missing_fields(card)
+        if missing:
+            print(f"{args.target}: card is missing {len(missing)} field(s):")
+            for m in missing:
+                print(f"  - {m}")
+            return 1
+        print(f"{args.target}: card states every source-discipline field")
+        return 0
+    card = read_card(args.run_dir)
+    print(json.dumps(card, indent=2) if args.json else render_markdown(card))
+    return 0
+
+
+def cmd_views(args: argparse.Namespace) -> int:
+    import torch
+
+    from nearfar.api import as_recipe, build_views, load_source
+    from nearfar.views import save_pair_grid
+
+    rec = as_recipe(args.recipe, args.set)
+    ds = load_source(rec["data"])
+    g = torch.Generator().manual_seed(rec["seed"])
+    idx = torch.randperm(len(ds), generator=g)[: args.pairs]
+    views = build_views(rec["views"])
+    x = ds.images[idx].float() / 255.0
+    v1, v2 = views(x, g)
+    path = save_pair_grid(v1, v2, args.out, nrow=args.nrow, max_pairs=args.pairs)
+    print(f"wrote {args.pairs} positive pairs to {path}")
+    print(json.dumps(views.describe(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nearfar",
+        description="Contrastive representation learning: train, evaluate and document "
+                    "encoders.")
+    from nearfar import __version__
+
+    parser.add_argument("--version", action="version", version=f"nearfar {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def recipe_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("recipe", nargs="?", default=None,
+                       help="a TOML recipe (default: the packaged SimCLR on MNIST-5k recipe)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set trainer.steps=200 (repeatable)")
+
+    p = sub.add_parser("train", help="train an encoder from a recipe, evaluate it, write its card",
+                       description="Train the encoder a recipe describes, evaluate it on the "
+                                   "held-out split (kNN, linear probe) and write card.json / "
+                                   "card.md in the run directory.")
+    recipe_args(p)
+    p.add_argument("--run-dir", default=None, help="output directory (default runs/NAME-TIME)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its latest checkpoint, exactly")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run on frozen features",
+                       description="kNN and linear probe of a run's frozen encoder, on its own "
+                                   "held-out split or on another dataset or folder.")
+    p.add_argument("run_dir", help="a run directory made by `nearfar train`")
+    p.add_argument("--data-source", default=None,
+                   help="mnist5k | digits | folder | manifest (default: the run's own data)")
+    p.add_argument("--data-path", default=None, help="folder or manifest path")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("card", help="print a run's card, or check it (`card check RUN_DIR`)",
+                       description="Print the card of a run (markdown, or --json). "
+                                   "`nearfar card check RUN_DIR` exits 1 naming each missing "
+                                   "source-discipline field.")
+    p.add_argument("run_dir", help="a run directory, or the word `check`")
+    p.add_argument("target", nargs="?", default=None, help="the run directory for `check`")
+    p.add_argument("--json", action="store_true", help="print card.json instead of markdown")
+    p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("views", help="save a PNG grid of the positive pairs a recipe makes",
+                       description="Draw positive pairs from the recipe's view pipeline and save "
+                                   "them as a PNG grid: what 'the same' means for this run.")
+    recipe_args(p)
+    p.add_argument("--out", default="views.png", help="output PNG (default views.png)")
+    p.add_argument("--pairs", type=int, default=32, help="number of pairs (default 32)")
+    p.add_argument("--nrow", type=int, default=8, help="pairs per row (default 8)")
+    p.set_defaults(func=cmd_views)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # e.g. `nearfar card RUN | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("nearfar: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        print(f"nearfar: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
