@@ -1,7 +1,7 @@
 """nearfar: contrastive representation learning, from objective to governed retrieval.
 
     import nearfar
-    run = nearfar.train()                 # SimCLR on bundled MNIST-5k (the default recipe)
+    run = nearfar.fit()                   # SimCLR on bundled MNIST-5k (the default recipe)
     encoder = nearfar.load(run.run_dir)
     z = encoder.embed(images)             # (N, D), L2-normalised
 """
@@ -10,7 +10,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("train", "load", "evaluate_run", "Encoder", "RunResult")
+# `nearfar.train` is the training layer (a subpackage), so the one-call API is `fit`
+_API = {"fit": "train", "load": "load", "evaluate_run": "evaluate_run", "Encoder": "Encoder",
+        "RunResult": "RunResult"}
 
 
 def __getattr__(name: str) -> Any:
@@ -18,7 +20,7 @@ def __getattr__(name: str) -> Any:
     if name in _API:
         from nearfar import api
 
-        return getattr(api, name)
+        return getattr(api, _API[name])
     raise AttributeError(f"module 'nearfar' has no attribute {name!r}")
 
 

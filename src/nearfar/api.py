@@ -1,7 +1,7 @@
 """Train from a recipe, evaluate a run, load a trained encoder: the few-line Python API.
 
     import nearfar
-    run = nearfar.train()                       # the default recipe on bundled MNIST-5k
+    run = nearfar.fit()                         # the default recipe on bundled MNIST-5k
     enc = nearfar.load(run.run_dir)
     z = enc.embed(images)                       # (N, D) L2-normalised embeddings
 
