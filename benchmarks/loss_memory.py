@@ -112,7 +112,7 @@ def make_loss(impl: str, temperature: float, tile: int | None):
 
 
 def worker(impl: str, views: int, dim: int, repeats: int, temperature: float,
-           tile: int | None, cap_bytes: int, threads: int) -> dict:
+           tile: int | None, cap_bytes: int, threads: int, clock: str) -> dict:
     import torch
 
     if threads > 0:
@@ -130,15 +130,16 @@ def worker(impl: str, views: int, dim: int, repeats: int, temperature: float,
     base = _rss_kib("VmRSS") * 1024
     peak_exact = _reset_peak()
     base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     times = []
     loss_value = None
     try:
         for _ in range(repeats):
             z1.grad = z2.grad = None
-            t0 = time.perf_counter()
+            t0 = timer()
             loss = fn(z1, z2)
             loss.backward()
-            times.append(time.perf_counter() - t0)
+            times.append(timer() - t0)
             loss_value = float(loss.detach())
             del loss
     except (RuntimeError, MemoryError) as err:
@@ -217,7 +218,7 @@ def run_cell(impl: str, views: int, args) -> dict:
     repeats = args.repeats if views < args.big_from else 1
     spec = {"impl": impl, "views": views, "dim": args.dim, "repeats": repeats,
             "temperature": args.temperature, "tile": args.tile, "cap_bytes": cap,
-            "threads": args.threads}
+            "threads": args.threads, "clock": args.clock}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.time_limit)
@@ -268,6 +269,7 @@ def machine_header(args, argv: list[str], versions: dict) -> list[str]:
                     break
     except OSError:
         pass
+    clock = {"wall": "wall time", "cpu": "process CPU time (user + system)"}[args.clock]
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     vers = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
@@ -277,12 +279,12 @@ def machine_header(args, argv: list[str], versions: dict) -> list[str]:
         "```",
         "",
         f"Machine: {cpu}, {os.cpu_count()} cores, {mem_total:.0f} GiB RAM, torch "
-        f"{torch.__version__} with {torch.get_num_threads()} threads, Python "
+        f"{torch.__version__} with {torch.get_num_threads()} thread(s), Python "
         f"{platform.python_version()}, {platform.system()} {platform.release()}; "
         f"load average at start {load}. Versions: {vers}.",
         "",
         f"NT-Xent, D = {args.dim}, float32, temperature {args.temperature}, CPU, forward + "
-        f"backward. Each cell is a fresh process: median wall time of {args.repeats} runs "
+        f"backward. Each cell is a fresh process: median {clock} of {args.repeats} runs "
         f"(1 run from 2N = {args.big_from:,}) / peak RSS increase over the process's RSS "
         f"just before the first run (inputs allocated, imports and a tiny warm-up done). "
         f"Memory cap per process {args.max_gib:g} GiB (RLIMIT_AS), time limit "
@@ -322,7 +324,7 @@ def check_agreement(temperature: float, impls) -> list[str]:
         a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
         loss = fn(a, b)
         loss.backward()
-        return float(loss), torch.cat([a.grad, b.grad])
+        return float(loss.detach()), torch.cat([a.grad, b.grad])
 
     out = ["Agreement with `nt_xent(tile=0)` on the same inputs, D = 128 (|difference| of "
            "the loss, max |difference| of the input gradients):", ""]
@@ -371,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tile size for the 'tiled' column (default: nearfar's CPU default)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in each worker (0: torch's default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="time as wall clock, or as the worker's CPU time (user + system; "
+                        "steadier on a shared machine, meaningful with --threads 1)")
     p.add_argument("--check", action="store_true",
                    help="print how closely the peers agree with nearfar, then the table")
     p.add_argument("--no-table", action="store_true", help="with --check: skip the table")
@@ -418,8 +423,17 @@ def main(argv: list[str] | None = None) -> int:
             results[(impl, v)] = r
             print(f"  {impl:8s} 2N={v:>7,}: {fmt_cell(r)}  {r.get('detail', '')} "
                   f"[{time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
-    notes = sorted({f"{LABELS[i]} at {v:,}: {r['detail']}" for (i, v), r in results.items()
-                    if r["status"] not in ("ok", "absent") and r.get("detail")})
+    notes = []
+    for impl in impls:
+        bad = [(v, results[(impl, v)]) for v in sizes
+               if results[(impl, v)]["status"] not in ("ok", "absent")]
+        if bad and all(r["status"] == "over" for _, r in bad) and \
+                [v for v, _ in bad] == sizes[len(sizes) - len(bad):]:
+            v, r = bad[0]
+            more = " (and every larger size)" if len(bad) > 1 else ""
+            notes.append(f"{LABELS[impl]} at {v:,}{more}: {r['detail']}")
+        else:
+            notes += [f"{LABELS[impl]} at {v:,}: {r.get('detail', r['status'])}" for v, r in bad]
     out = table(sizes, impls, results)
     if notes:
         out += ["", "Cells not measured or failed:", ""] + [f"- {n}" for n in notes]
