@@ -46,9 +46,10 @@ def digits14():
     return ImageDataset(small[tr], ds.labels[tr]), ImageDataset(small[te], ds.labels[te])
 
 
-def tiny_simclr(widths=(4, 8), hidden_dim=16, out_dim=8):
+def tiny_simclr(widths=(4, 8), hidden_dim=16, out_dim=8, strides=None):
     seed_everything(0)
-    return build_method("simclr", encoder="small_cnn", encoder_kwargs={"widths": widths},
+    return build_method("simclr", encoder="small_cnn",
+                        encoder_kwargs={"widths": widths, "strides": strides},
                         temperature=0.2, hidden_dim=hidden_dim, out_dim=out_dim)
 
 
@@ -72,7 +73,7 @@ def logged(run_dir, key="loss"):
 
 def test_short_simclr_run_beats_random_init_on_knn(digits14):
     train, test = digits14
-    method = tiny_simclr(widths=(8, 16, 32), hidden_dim=64, out_dim=32)
+    method = tiny_simclr(widths=(8, 16, 32), hidden_dim=64, out_dim=32, strides=(1, 2, 2))
 
     def knn():
         a = embed_dataset(method, train.images)

@@ -100,7 +100,8 @@ class SimCLR(Method):
              ) -> StepOutput:
         x = check_batch(batch)
         g = generator if generator is not None else self._generator(x.device)
-        with torch.no_grad():
+        # views in fp32 even under autocast: bf16 resampling is slower on CPUs and coarser
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             out = self.views(x, g)
             if isinstance(out, (tuple, list)):
                 v1, v2 = out
