@@ -103,19 +103,53 @@ def count_tile_positives(plan: TilePlan, n: int, m: int, device: torch.device) -
 
 
 def _exclude_(scores: Tensor, plan: TilePlan, i0: int, i1: int, j0: int, j1: int,
-              value: float) -> None:
+              value: float, *, transposed: bool = False) -> None:
+    """Set the excluded entries of the tile (anchors i0:i1 x candidates j0:j1) to value.
+    transposed: the tile is (candidates i0:i1 x anchors j0:j1)^T, i.e. entry (k, l) pairs
+    anchor j0 + l with candidate i0 + k (the mirrored tile of a symmetric problem)."""
     if plan.exclude_mask is not None:
-        scores.masked_fill_(plan.exclude_mask[i0:i1, j0:j1], value)
+        if transposed:
+            scores.masked_fill_(plan.exclude_mask[j0:j1, i0:i1].t(), value)
+        else:
+            scores.masked_fill_(plan.exclude_mask[i0:i1, j0:j1], value)
     if plan.exclude_self:
-        scores.diagonal(i0 - j0).fill_(value)
+        scores.diagonal(i0 - j0).fill_(value)   # the same entries in either orientation
+
+
+def _mirrored_positive_tile(plan: TilePlan, i0: int, i1: int, j0: int, j1: int
+                            ) -> Tensor | None:
+    w = positive_tile(plan, j0, j1, i0, i1)
+    return None if w is None else w.t()
+
+
+def _accumulate_(scores: Tensor, dim: int, run_max: Tensor, run_sum: Tensor) -> None:
+    """Online log-sum-exp: fold the tile's scores along dim into the running max and the
+    running sum of exp(score - ref) (ref = running max, or 0 while nothing was scored).
+    Consumes scores (overwritten in place)."""
+    new_max = torch.maximum(run_max, scores.amax(dim))
+    ref = new_max.masked_fill(new_max == float("-inf"), 0.0)
+    run_sum.mul_(torch.exp(run_max - ref))          # 0 while nothing was scored
+    run_max.copy_(new_max)
+    scores.sub_(ref[:, None] if dim == 1 else ref[None, :])
+    run_sum += scores.exp_().sum(dim)
+
+
+def _finish_lse(run_max: Tensor, run_sum: Tensor) -> Tensor:
+    return run_max.masked_fill(run_max == float("-inf"), 0.0) + run_sum.log()
+
+
+def _blocks(n: int, size: int):
+    for i0 in range(0, n, size):
+        yield i0, min(i0 + size, n)
 
 
 class TiledInfoNCE(torch.autograd.Function):
     """Per-anchor ``lse_i - pos_i`` (see the module docstring), exact, tile by tile.
 
-    Inputs: anchors (N, D), candidates (M, D) (may be the same tensor), scale (0-d tensor,
-    the inverse temperature, may require grad) and a `TilePlan`. Output: (N,).
-    Every anchor must have at least one non-excluded candidate. Not twice differentiable.
+    Inputs: anchors (N, D), candidates (M, D), scale (0-d tensor, the inverse temperature,
+    may require grad) and a `TilePlan`. Output: (N,). Every anchor must have at least one
+    non-excluded candidate. Not twice differentiable. When anchors and candidates are one
+    tensor, `SymmetricTiledInfoNCE` does the same with half the matrix products.
     """
 
     @staticmethod
@@ -123,39 +157,25 @@ class TiledInfoNCE(torch.autograd.Function):
                 ) -> Tensor:
         n, m = anchors.shape[0], candidates.shape[0]
         rows, cols = min(plan.rows, n), min(plan.cols, m)
-        scaled = anchors * scale.detach()           # scores of a tile in one matmul
-        cand_t = candidates.detach().t()
+        scaled = anchors * scale               # a tile's scores in one matrix product
+        cand_t = candidates.t()
         buffer = anchors.new_empty(rows * cols)     # reused by every tile
-        lse = anchors.new_empty(n)
+        run_max = anchors.new_full((n,), float("-inf"))
+        run_sum = anchors.new_zeros(n)
         pos = anchors.new_zeros(n) if plan.has_tile_positives else None
-        neg_inf = float("-inf")
-        with torch.no_grad():
-            for i0 in range(0, n, rows):
-                i1 = min(i0 + rows, n)
-                r = i1 - i0
-                a = scaled[i0:i1]
-                run_max = anchors.new_full((r,), neg_inf)
-                run_sum = anchors.new_zeros(r)   # sum of exp(s - ref), ref = run_max or 0
-                for j0 in range(0, m, cols):
-                    j1 = min(j0 + cols, m)
-                    s = torch.mm(a, cand_t[:, j0:j1], out=buffer[: r * (j1 - j0)].view(r, -1))
-                    w = positive_tile(plan, i0, i1, j0, j1)
-                    if w is not None:
-                        pos[i0:i1] += torch.where(w, s, 0.0).sum(1)
-                    _exclude_(s, plan, i0, i1, j0, j1, neg_inf)
-                    new_max = torch.maximum(run_max, s.amax(1))
-                    ref = new_max.masked_fill(new_max == neg_inf, 0.0)
-                    run_sum.mul_(torch.exp(run_max - ref))    # 0 while nothing was scored
-                    run_max = new_max
-                    run_sum += s.sub_(ref[:, None]).exp_().sum(1)
-                lse[i0:i1] = ref + run_sum.log()
-        if pos is not None:
-            out = lse - pos / plan.positive_counts
-        else:
-            out = lse.clone()
+        for i0, i1 in _blocks(n, rows):
+            for j0, j1 in _blocks(m, cols):
+                s = torch.mm(scaled[i0:i1], cand_t[:, j0:j1],
+                             out=buffer[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
+                w = positive_tile(plan, i0, i1, j0, j1)
+                if w is not None:
+                    pos[i0:i1] += torch.where(w, s, 0.0).sum(1)
+                _exclude_(s, plan, i0, i1, j0, j1, float("-inf"))
+                _accumulate_(s, 1, run_max[i0:i1], run_sum[i0:i1])
+        lse = _finish_lse(run_max, run_sum)
         ctx.plan = plan
         ctx.save_for_backward(anchors, candidates, scale, lse)
-        return out
+        return lse.clone() if pos is None else lse - pos / plan.positive_counts
 
     @staticmethod
     @once_differentiable
@@ -165,28 +185,22 @@ class TiledInfoNCE(torch.autograd.Function):
         need_a, need_c, need_scale = ctx.needs_input_grad[:3]
         n, m = anchors.shape[0], candidates.shape[0]
         rows, cols = min(plan.rows, n), min(plan.cols, m)
-        sc = scale.detach()
-        scaled = anchors * sc
+        scaled = anchors * scale
         cand_t = candidates.t()
         g = grad_out.to(anchors.dtype).contiguous()
-        if plan.has_tile_positives:
-            pos_weight = g / plan.positive_counts      # g_i / |P(i)|
-        grad_a = torch.zeros_like(anchors) if (need_a or need_scale) else None
-        grad_c = torch.zeros_like(candidates) if need_c else None
+        pos_weight = g / plan.positive_counts if plan.has_tile_positives else None
+        grad_a = torch.zeros_like(anchors) if (need_a or need_scale) else None  # sum_j G_ij c_j
+        grad_c = torch.zeros_like(candidates) if need_c else None             # sum_i G_ij a_i
         buffer = anchors.new_empty(rows * cols)
         neg_lse = -lse
-        for i0 in range(0, n, rows):
-            i1 = min(i0 + rows, n)
-            r = i1 - i0
-            g_rows = g[i0:i1, None]
-            for j0 in range(0, m, cols):
-                j1 = min(j0 + cols, m)
-                tile = buffer[: r * (j1 - j0)].view(r, -1)
-                # softmax weights of the tile: exp(s - lse), excluded entries 0
+        for i0, i1 in _blocks(n, rows):
+            for j0, j1 in _blocks(m, cols):
+                tile = buffer[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+                # G_ij = g_i softmax_ij - g_i [j in P(i)] / |P(i)|, excluded entries 0
                 p = torch.addmm(neg_lse[i0:i1, None], scaled[i0:i1], cand_t[:, j0:j1], out=tile)
                 p.exp_()
                 _exclude_(p, plan, i0, i1, j0, j1, 0.0)
-                p.mul_(g_rows)                      # G = g_i p_ij - g_i [j in P(i)] / |P(i)|
+                p.mul_(g[i0:i1, None])
                 w = positive_tile(plan, i0, i1, j0, j1)
                 if w is not None:
                     p.sub_(w * pos_weight[i0:i1, None])
@@ -194,20 +208,124 @@ class TiledInfoNCE(torch.autograd.Function):
                     grad_a[i0:i1].addmm_(p, candidates[j0:j1])
                 if grad_c is not None:
                     grad_c[j0:j1].addmm_(p.t(), anchors[i0:i1])
-        grad_scale = None
-        if need_scale:
-            # sum_ij G_ij a_i . c_j = sum_i a_i . (G c)_i
-            grad_scale = (grad_a * anchors).sum().reshape(scale.shape).to(scale.dtype)
-        if need_a:
-            grad_a.mul_(sc)
-        else:
-            grad_a = None
-        if grad_c is not None:
-            grad_c.mul_(sc)
-        return grad_a, grad_c, grad_scale, None
+        return _finish_grads(grad_a, grad_c, anchors, scale, need_a, need_scale) + (None,)
+
+
+def _finish_grads(grad_a: Tensor | None, grad_c: Tensor | None, anchors: Tensor, scale: Tensor,
+                  need_a: bool, need_scale: bool, *, symmetric: bool = False):
+    """From the unscaled sums G c (grad_a) and G^T a (grad_c) to the gradients of anchors,
+    candidates and scale: dL/dscale = sum_ij G_ij a_i . c_j = sum_i a_i . (G c)_i (halved
+    when grad_a holds (G + G^T) z, the symmetric case)."""
+    grad_scale = None
+    if need_scale:
+        total = (grad_a * anchors).sum()
+        grad_scale = (total / 2 if symmetric else total).reshape(scale.shape).to(scale.dtype)
+    if need_a:
+        grad_a.mul_(scale)
+    else:
+        grad_a = None
+    if grad_c is not None:
+        grad_c.mul_(scale)
+    return grad_a, grad_c, grad_scale
+
+
+class SymmetricTiledInfoNCE(torch.autograd.Function):
+    """`TiledInfoNCE` with anchors = candidates = z (N, D): the score matrix is symmetric,
+    so each off-diagonal tile is computed once and used twice, by its rows (anchors of the
+    row block) and by its columns (anchors of the column block). Same values and gradients,
+    about half the matrix products. Needs square tiles (plan.rows == plan.cols); the
+    exclusion and positive masks need not be symmetric.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, scale: Tensor, plan: TilePlan) -> Tensor:
+        n = z.shape[0]
+        size = min(plan.rows, n)
+        scaled = z * scale
+        z_t = z.t()
+        buffer = z.new_empty(2 * size * size)
+        run_max = z.new_full((n,), float("-inf"))
+        run_sum = z.new_zeros(n)
+        pos = z.new_zeros(n) if plan.has_tile_positives else None
+        for i0, i1 in _blocks(n, size):
+            for j0, j1 in _blocks(n, size):
+                if j0 < i0:
+                    continue                    # its mirror (i0 <-> j0) covers it
+                r, c = i1 - i0, j1 - j0
+                s = torch.mm(scaled[i0:i1], z_t[:, j0:j1], out=buffer[: r * c].view(r, c))
+                mirror = None
+                if j0 != i0:                    # the same scores seen by anchors j0:j1
+                    mirror = buffer[r * c: 2 * r * c].view(r, c).copy_(s)
+                if pos is not None:
+                    w = positive_tile(plan, i0, i1, j0, j1)
+                    pos[i0:i1] += torch.where(w, s, 0.0).sum(1)
+                    if mirror is not None:
+                        w = _mirrored_positive_tile(plan, i0, i1, j0, j1)
+                        pos[j0:j1] += torch.where(w, mirror, 0.0).sum(0)
+                _exclude_(s, plan, i0, i1, j0, j1, float("-inf"))
+                _accumulate_(s, 1, run_max[i0:i1], run_sum[i0:i1])
+                if mirror is not None:
+                    _exclude_(mirror, plan, i0, i1, j0, j1, float("-inf"), transposed=True)
+                    _accumulate_(mirror, 0, run_max[j0:j1], run_sum[j0:j1])
+        lse = _finish_lse(run_max, run_sum)
+        ctx.plan = plan
+        ctx.save_for_backward(z, scale, lse)
+        return lse.clone() if pos is None else lse - pos / plan.positive_counts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        z, scale, lse = ctx.saved_tensors
+        plan: TilePlan = ctx.plan
+        need_z, need_scale = ctx.needs_input_grad[:2]
+        n = z.shape[0]
+        size = min(plan.rows, n)
+        scaled = z * scale
+        z_t = z.t()
+        g = grad_out.to(z.dtype).contiguous()
+        pos_weight = g / plan.positive_counts if plan.has_tile_positives else None
+        grad = torch.zeros_like(z)              # sum_j (G_ij + G_ji) z_j
+        buffer = z.new_empty(2 * size * size)
+        neg_lse = -lse
+        for i0, i1 in _blocks(n, size):
+            for j0, j1 in _blocks(n, size):
+                if j0 < i0:
+                    continue
+                r, c = i1 - i0, j1 - j0
+                p = buffer[: r * c].view(r, c)
+                q = None
+                if j0 == i0:        # rows: G_IJ = g_I (exp(s - lse_I) - [P] / |P|)
+                    torch.addmm(neg_lse[i0:i1, None], scaled[i0:i1], z_t[:, j0:j1], out=p)
+                else:               # columns: (G_JI)^T = g_J (exp(s - lse_J) - [P^T] / |P|)
+                    torch.mm(scaled[i0:i1], z_t[:, j0:j1], out=p)
+                    q = torch.add(p, neg_lse[None, j0:j1], out=buffer[r * c: 2 * r * c].view(r, c))
+                    p.add_(neg_lse[i0:i1, None])
+                p.exp_()
+                _exclude_(p, plan, i0, i1, j0, j1, 0.0)
+                p.mul_(g[i0:i1, None])
+                if pos_weight is not None:
+                    p.sub_(positive_tile(plan, i0, i1, j0, j1) * pos_weight[i0:i1, None])
+                if q is None:       # diagonal block: z_I is on both sides of s
+                    grad[i0:i1].addmm_(p, z[j0:j1]).addmm_(p.t(), z[i0:i1])
+                    continue
+                q.exp_()
+                _exclude_(q, plan, i0, i1, j0, j1, 0.0, transposed=True)
+                q.mul_(g[None, j0:j1])
+                if pos_weight is not None:
+                    q.sub_(_mirrored_positive_tile(plan, i0, i1, j0, j1)
+                           * pos_weight[None, j0:j1])
+                p.add_(q)           # H = G_IJ + G_JI^T
+                grad[i0:i1].addmm_(p, z[j0:j1])
+                grad[j0:j1].addmm_(p.t(), z[i0:i1])
+        grad_z, _, grad_scale = _finish_grads(grad, None, z, scale, need_z, need_scale,
+                                              symmetric=True)
+        return grad_z, grad_scale, None
 
 
 def tiled_info_nce(anchors: Tensor, candidates: Tensor, scale: Tensor, plan: TilePlan
                    ) -> Tensor:
-    """Per-anchor ``lse_i - pos_i`` (N,), exact, memory-linear; see `TiledInfoNCE`."""
+    """Per-anchor ``lse_i - pos_i`` (N,), exact, memory-linear; see `TiledInfoNCE`. One
+    tensor on both sides (nt_xent, supcon) takes `SymmetricTiledInfoNCE`."""
+    if anchors is candidates and plan.rows == plan.cols:
+        return SymmetricTiledInfoNCE.apply(anchors, scale, plan)
     return TiledInfoNCE.apply(anchors, candidates, scale, plan)
