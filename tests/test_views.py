@@ -251,3 +251,12 @@ def test_save_pair_grid(tmp_path, rgb, gray):
     save_pair_grid(rgb, rgb, tmp_path / "rgb.png", nrow=8, max_pairs=8)
     with pytest.raises(ValueError, match="images_2: expected 16 images"):
         save_pair_grid(rgb, rgb[:3], tmp_path / "bad.png")
+
+
+def test_fast_affine_grid_matches_torch():
+    from nearfar.views.geometry import _affine_grid
+
+    theta = torch.randn(3, 2, 3, generator=gen(0))
+    for h, w in [(5, 9), (28, 28), (2, 1)]:
+        ref = torch.nn.functional.affine_grid(theta, [3, 1, h, w], align_corners=True)
+        assert torch.allclose(_affine_grid(theta, (h, w)), ref, atol=1e-6)
