@@ -6,8 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
-from nearfar.losses import info_nce, nt_xent, supcon
-from nearfar.losses.tiled import TiledInfoNCE, TilePlan, count_tile_positives, tiled_info_nce
+from nearfar.losses import clip_loss, info_nce, nt_xent, supcon
+from nearfar.losses.tiled import (
+    TiledInfoNCE,
+    TilePlan,
+    count_tile_positives,
+    tiled_info_nce,
+    tiled_logsumexp_both_ways,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +84,23 @@ def test_gradcheck_symmetric(plan, tile):
     # and agrees with the general Function fed the same tensor twice
     general = TiledInfoNCE.apply(z, z, scale, plan)
     torch.testing.assert_close(tiled_info_nce(z, z, scale, plan), general, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("size", [2, 3, 8])
+def test_gradcheck_both_ways(size):
+    a, c, scale = leaves((5, 3), (7, 3), (), seed=3)
+
+    def both(a, c, s):
+        rows, cols = tiled_logsumexp_both_ways(a, c, s, size)
+        return rows.sin().sum() + cols.cos().sum()     # distinct weights per output
+
+    assert torch.autograd.gradcheck(both, (a, c, scale))
+    assert torch.autograd.gradcheck(lambda a, c, s: tiled_logsumexp_both_ways(a, c, s, size)[1],
+                                    (a, c, scale))      # the other output's gradient is None
+    rows, cols = tiled_logsumexp_both_ways(a, c, scale, size)
+    scores = scale * a @ c.T
+    torch.testing.assert_close(rows, torch.logsumexp(scores, 1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(cols, torch.logsumexp(scores, 0), rtol=1e-12, atol=0)
 
 
 def test_function_returns_per_anchor_log_sum_exp():
@@ -160,6 +183,14 @@ def test_supcon_tiled_equals_full_float32():
         t.fill_(0.1)
     assert_tiled_equals_full(lambda z, t, tile: supcon(z, labels, temperature=t, tile=tile),
                              [z, t], 128, 1e-5)
+
+
+def test_clip_tiled_equals_full_float32():
+    image, text, logit_scale = leaves((700, 32), (700, 32), (), dtype=torch.float32, seed=6)
+    with torch.no_grad():
+        logit_scale.fill_(4.0)
+    assert_tiled_equals_full(lambda i, t, s, tile: clip_loss(i, t, s, tile=tile),
+                             [image, text, logit_scale], 128, 1e-5)
 
 
 def test_automatic_choice_matches_both_paths():

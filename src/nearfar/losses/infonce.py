@@ -43,13 +43,19 @@ from .checks import (
     check_tile_size,
 )
 from .temperature import CLIP_MAX_SCALE, LogitScale
-from .tiled import TilePlan, count_tile_positives, default_tile, tiled_info_nce
+from .tiled import (
+    TilePlan,
+    count_tile_positives,
+    default_tile,
+    tiled_info_nce,
+    tiled_logsumexp_both_ways,
+)
 
 SELF = "self"
 SIMILARITIES = ("cosine", "dot")
 
 # Above this many anchor x candidate scores, tile=None takes the tiled path.
-AUTO_TILE_ABOVE = 1024 * 1024
+AUTO_TILE_ABOVE = 512 * 512
 
 
 # --------------------------------------------------------------------------- the general form
@@ -152,10 +158,11 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor | LogitScale | fl
     check_tile_size(tile)
     scale = _clip_scale(logit_scale, image)
     i, t = _embed(image, "cosine"), _embed(text, "cosine")
-    index = torch.arange(len(i), device=i.device)
-    image_to_text = _contrast(i, t, scale, index=index, tile=tile).mean()
-    text_to_image = _contrast(t, i, scale, index=index, tile=tile).mean()
-    return (image_to_text + text_to_image) / 2
+    # both directions share one score matrix: -log softmax of the diagonal along its rows
+    # (image -> text) and along its columns (text -> image)
+    lse_images, lse_texts = _logsumexp_both_ways(i, t, scale, tile)
+    matched = scale * (i * t).sum(1)
+    return ((lse_images - matched).mean() + (lse_texts - matched).mean()) / 2
 
 
 def supcon(z: Tensor, labels: Tensor, *, temperature: float | Tensor = 0.1,
@@ -273,13 +280,28 @@ def _contrast(a: Tensor, c: Tensor, scale: Tensor, *, index: Tensor | None = Non
     if index is not None:
         index = index.long()
         _check_index_not_excluded(index, exclude_self, exclude_mask, positives_name)
-    if tile is None:
-        tile = default_tile(a.device) if n * m > AUTO_TILE_ABOVE else 0
+    tile = _resolve_tile(tile, n, m, a.device)
     if tile == 0:
         return _contrast_full(a, c, scale, index, mask, labels, exclude_self, exclude_mask,
                               positives_name)
     return _contrast_tiled(a, c, scale, index, mask, labels, exclude_self, exclude_mask,
                            tile, positives_name)
+
+
+def _logsumexp_both_ways(a: Tensor, c: Tensor, scale: Tensor, tile: int | None
+                         ) -> tuple[Tensor, Tensor]:
+    """Row and column log-sum-exp of scale * a c^T, full or tiled (no exclusions)."""
+    tile = _resolve_tile(tile, a.shape[0], c.shape[0], a.device)
+    if tile == 0:
+        scores = (a * scale) @ c.t()
+        return torch.logsumexp(scores, 1), torch.logsumexp(scores, 0)
+    return tiled_logsumexp_both_ways(a, c, scale, tile)
+
+
+def _resolve_tile(tile: int | None, n: int, m: int, device: torch.device) -> int:
+    if tile is None:
+        return default_tile(device) if n * m > AUTO_TILE_ABOVE else 0
+    return tile
 
 
 def _contrast_full(a, c, scale, index, mask, labels, exclude_self, exclude_mask,

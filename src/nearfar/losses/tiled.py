@@ -322,6 +322,72 @@ class SymmetricTiledInfoNCE(torch.autograd.Function):
         return grad_z, grad_scale, None
 
 
+class TiledLogSumExpBothWays(torch.autograd.Function):
+    """Row and column log-sum-exp of the scores ``scale * a c^T`` from one pass over its
+    tiles: (lse_rows (N,), lse_cols (M,)). Each tile is computed once and used by both
+    directions (CLIP's image->text and text->image), so forward and backward together take
+    three matrix products per tile instead of eight for two separate `TiledInfoNCE` calls.
+    No exclusions, no tile positives.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, c: Tensor, scale: Tensor, size: int):
+        n, m = a.shape[0], c.shape[0]
+        rows, cols = min(size, n), min(size, m)
+        scaled = a * scale
+        c_t = c.t()
+        buffer = a.new_empty(2 * rows * cols)
+        row_max, row_sum = a.new_full((n,), float("-inf")), a.new_zeros(n)
+        col_max, col_sum = a.new_full((m,), float("-inf")), a.new_zeros(m)
+        for i0, i1 in _blocks(n, rows):
+            for j0, j1 in _blocks(m, cols):
+                r, k = i1 - i0, j1 - j0
+                s = torch.mm(scaled[i0:i1], c_t[:, j0:j1], out=buffer[: r * k].view(r, k))
+                mirror = buffer[r * k: 2 * r * k].view(r, k).copy_(s)
+                _accumulate_(s, 1, row_max[i0:i1], row_sum[i0:i1])
+                _accumulate_(mirror, 0, col_max[j0:j1], col_sum[j0:j1])
+        lse_rows, lse_cols = _finish_lse(row_max, row_sum), _finish_lse(col_max, col_sum)
+        ctx.size = size
+        ctx.save_for_backward(a, c, scale, lse_rows, lse_cols)
+        return lse_rows, lse_cols
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows: Tensor | None, grad_cols: Tensor | None):
+        a, c, scale, lse_rows, lse_cols = ctx.saved_tensors
+        need_a, need_c, need_scale = ctx.needs_input_grad[:3]
+        n, m = a.shape[0], c.shape[0]
+        rows, cols = min(ctx.size, n), min(ctx.size, m)
+        scaled = a * scale
+        c_t = c.t()
+        g_rows = a.new_zeros(n) if grad_rows is None else grad_rows.to(a.dtype).contiguous()
+        g_cols = a.new_zeros(m) if grad_cols is None else grad_cols.to(a.dtype).contiguous()
+        grad_a = torch.zeros_like(a) if (need_a or need_scale) else None
+        grad_c = torch.zeros_like(c) if need_c else None
+        buffer = a.new_empty(2 * rows * cols)
+        neg_rows, neg_cols = -lse_rows, -lse_cols
+        for i0, i1 in _blocks(n, rows):
+            for j0, j1 in _blocks(m, cols):
+                r, k = i1 - i0, j1 - j0
+                # dL/ds_ij = g_i exp(s_ij - lse_i) + g_j exp(s_ij - lse_j)
+                p = torch.mm(scaled[i0:i1], c_t[:, j0:j1], out=buffer[: r * k].view(r, k))
+                q = torch.add(p, neg_cols[None, j0:j1], out=buffer[r * k: 2 * r * k].view(r, k))
+                p.add_(neg_rows[i0:i1, None]).exp_().mul_(g_rows[i0:i1, None])
+                p.add_(q.exp_().mul_(g_cols[None, j0:j1]))
+                if grad_a is not None:
+                    grad_a[i0:i1].addmm_(p, c[j0:j1])
+                if grad_c is not None:
+                    grad_c[j0:j1].addmm_(p.t(), a[i0:i1])
+        return _finish_grads(grad_a, grad_c, a, scale, need_a, need_scale) + (None,)
+
+
+def tiled_logsumexp_both_ways(a: Tensor, c: Tensor, scale: Tensor, size: int
+                              ) -> tuple[Tensor, Tensor]:
+    """(N,) and (M,): log sum_j exp(scale a_i . c_j) and log sum_i exp(scale a_i . c_j),
+    exact, memory-linear, one pass over size x size tiles for both."""
+    return TiledLogSumExpBothWays.apply(a, c, scale, size)
+
+
 def tiled_info_nce(anchors: Tensor, candidates: Tensor, scale: Tensor, plan: TilePlan
                    ) -> Tensor:
     """Per-anchor ``lse_i - pos_i`` (N,), exact, memory-linear; see `TiledInfoNCE`. One
