@@ -13,3 +13,15 @@ __all__ = [
     "build_method",
     "register_method",
 ]
+
+# the other image objectives (issue 4); each registers itself on import
+from nearfar.methods.barlow_twins import BarlowTwins  # noqa: E402
+from nearfar.methods.byol import BYOL  # noqa: E402
+from nearfar.methods.dino import DINO  # noqa: E402
+from nearfar.methods.moco import MoCoV2, MoCoV3  # noqa: E402
+from nearfar.methods.simsiam import SimSiam  # noqa: E402
+from nearfar.methods.supcon import SupCon, SupConMixed  # noqa: E402
+from nearfar.methods.vicreg import VICReg  # noqa: E402
+
+__all__ += ["BYOL", "DINO", "BarlowTwins", "MoCoV2", "MoCoV3", "SimSiam", "SupCon",
+            "SupConMixed", "VICReg"]

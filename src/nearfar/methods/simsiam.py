@@ -1,0 +1,89 @@
+"""SimSiam (Chen & He, 2021): BYOL without the momentum target.
+
+Both views go through the same backbone and projector; a predictor on each side regresses
+the other side's projection under a stop-gradient. No negatives, no EMA: the
+stop-gradient alone prevents collapse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nearfar.losses import negative_cosine
+from nearfar.methods.base import StepOutput
+from nearfar.methods.registry import register_method
+from nearfar.methods.two_view import TwoViewMethod, head_card
+from nearfar.nn import ProjectionHead
+from nearfar.nn.predictor import PredictionHead
+
+
+@register_method("simsiam")
+class SimSiam(TwoViewMethod):
+    """Backbone + 3-layer projector (BatchNorm on every layer, the output's without
+    affine) + bottleneck predictor; symmetric negative cosine with stop-gradient.
+
+    Args:
+        encoder, views, encoder_kwargs, seed: as :class:`~nearfar.methods.SimCLR`.
+        hidden_dim, out_dim: the projector (SimSiam: 2048, 2048).
+        predictor_hidden_dim: the predictor's bottleneck (SimSiam: 512 = out_dim / 4).
+    """
+
+    name = "simsiam"
+
+    def __init__(self, encoder: nn.Module | str = "small_cnn", views: Callable | None = None,
+                 *, hidden_dim: int = 512, out_dim: int = 512, predictor_hidden_dim: int = 128,
+                 encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> None:
+        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+        self.projector = nn.Sequential(
+            ProjectionHead(self.feature_dim, hidden_dim, out_dim, num_layers=3),
+            nn.BatchNorm1d(out_dim, affine=False),
+        )
+        self.predictor = PredictionHead(out_dim, predictor_hidden_dim)
+
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
+             ) -> StepOutput:
+        _, v1, v2 = self.draw_views(batch, generator)
+        views = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
+        z = self.projector(self.encoder(views))
+        p1, p2 = self.predictor(z).float().chunk(2)
+        z1, z2 = z.float().chunk(2)
+        # negative_cosine detaches its target: the stop-gradient of SimSiam
+        loss = (negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2
+        with torch.no_grad():
+            metrics = {"projection_cosine": F.cosine_similarity(z1, z2, dim=1).mean(),
+                       "projection_std": F.normalize(z1, dim=1).std(0).mean()}
+        return StepOutput(loss=loss, metrics=metrics, embeddings=z1.detach())
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": "simsiam",
+            "reference": "Chen & He, 2021",
+            "objective": {
+                "loss": "negative_cosine between the prediction of one view and the "
+                        "stop-gradient projection of the other, symmetrised (mean of both)",
+                "temperature": "n/a",
+                "projection_head": head_card(self.projector),
+                "predictor": head_card(self.predictor),
+                "target": "the same network under stop-gradient (no momentum copy)",
+                "head_downstream": "dropped",
+            },
+            "positives": {
+                "construction": "two random views of the same image through one network",
+                "views": self.views_card(),
+            },
+            "negatives": {
+                "source": "none: non-contrastive (SimSiam)",
+                "construction": "none: collapse is prevented by the predictor and the "
+                                "stop-gradient, not by negatives",
+                "batch_size": self.batch_size,
+                "per_anchor": 0,
+                "exclusions": [],
+            },
+            "modality": self.modality,
+            "encoder": self.encoder_card(),
+        }
