@@ -40,7 +40,7 @@ def value_and_grads(fn, inputs):
 def assert_tiled_equals_full(fn, inputs, tile, rtol):
     full, full_grads = value_and_grads(lambda *x: fn(*x, tile=0), inputs)
     tiled, tiled_grads = value_and_grads(lambda *x: fn(*x, tile=tile), inputs)
-    assert abs(float(tiled - full)) <= rtol * abs(float(full))
+    assert abs(float(tiled - full)) <= rtol * abs(float(full)) + 1e-14
     for t, f in zip(tiled_grads, full_grads):
         assert float((t - f).norm()) <= rtol * float(f.norm()) + 1e-14
 
@@ -125,9 +125,10 @@ def test_function_is_stable_for_huge_scores():
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(2, 23), extra=st.integers(0, 9), d=st.integers(2, 6),
        tile=st.integers(1, 11), kind=st.sampled_from(["index", "mask", "self", "exclude"]),
-       seed=st.integers(0, 2**16))
-def test_info_nce_tiled_equals_full_float64(n, extra, d, tile, kind, seed):
-    m = n + extra
+       same=st.booleans(), seed=st.integers(0, 2**16))
+def test_info_nce_tiled_equals_full_float64(n, extra, d, tile, kind, same, seed):
+    # same: one tensor as anchors and candidates (the symmetric tiled Function)
+    m = n if same else n + extra
     a, c, t = leaves((n, d), (m, d), (), seed=seed)
     with torch.no_grad():
         t.fill_(0.4)
@@ -143,6 +144,12 @@ def test_info_nce_tiled_equals_full_float64(n, extra, d, tile, kind, seed):
     elif kind == "exclude":
         exclude = torch.rand(n, m, generator=g) < 0.3
         exclude[torch.arange(n), index] = False
+    if same:
+        assert_tiled_equals_full(
+            lambda a, t, tile: info_nce(a, a, positives, exclude=exclude, temperature=t,
+                                        tile=tile),
+            [a, t], tile, 1e-10)
+        return
     assert_tiled_equals_full(
         lambda a, c, t, tile: info_nce(a, c, positives, exclude=exclude, temperature=t,
                                        tile=tile),
@@ -209,7 +216,7 @@ def _largest_allocation(fn):
     return max(e.self_cpu_memory_usage for e in prof.events())
 
 
-@pytest.mark.parametrize("kind", ["nt_xent", "supcon"])
+@pytest.mark.parametrize("kind", ["nt_xent", "supcon", "clip"])
 def test_tiled_path_never_allocates_the_score_matrix(kind):
     n, d, tile = 512, 16, 256            # 2N = 1024: the score matrix would be 4 MiB
     z1, z2 = leaves((n, d), (n, d), dtype=torch.float32, seed=5)
@@ -217,9 +224,14 @@ def test_tiled_path_never_allocates_the_score_matrix(kind):
     if kind == "nt_xent":
         def loss(tile):
             return nt_xent(z1, z2, tile=tile)
-    else:
+    elif kind == "supcon":
         def loss(tile):
             return supcon(torch.cat([z1, z2]), labels, tile=tile)
+    else:
+        z1, z2 = leaves((2 * n, d), (2 * n, d), dtype=torch.float32, seed=6)
+
+        def loss(tile):
+            return clip_loss(z1, z2, torch.tensor(2.0), tile=tile)
     score_matrix = (2 * n) ** 2 * 4
     assert _largest_allocation(lambda: loss(0).backward()) >= score_matrix   # the probe works
     largest = _largest_allocation(lambda: loss(tile).backward())
