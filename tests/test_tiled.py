@@ -56,9 +56,13 @@ def _plans(n, m):
     exclude[:, 0] = exclude[:, 1] = False
     labels = torch.arange(n) % 2
     cand_labels = torch.arange(m) % 2
+    index = (torch.arange(n) + 1) % m
+    exclude[torch.arange(n), index] = False
     yield TilePlan(rows=2, cols=3)
     yield TilePlan(rows=2, cols=3, exclude_self=True)
     yield TilePlan(rows=3, cols=2, exclude_mask=exclude)
+    yield TilePlan(rows=2, cols=3, exclude_self=True, positive_index=index)
+    yield TilePlan(rows=3, cols=2, exclude_mask=exclude, positive_index=index)
     for plan in (TilePlan(rows=2, cols=2, positive_mask=mask, exclude_self=True),
                  TilePlan(rows=4, cols=3, anchor_labels=labels, candidate_labels=cand_labels,
                           exclude_mask=exclude)):
@@ -87,20 +91,39 @@ def test_gradcheck_symmetric(plan, tile):
 
 
 @pytest.mark.parametrize("size", [2, 3, 8])
-def test_gradcheck_both_ways(size):
-    a, c, scale = leaves((5, 3), (7, 3), (), seed=3)
+@pytest.mark.parametrize("matched", [False, True])
+def test_gradcheck_both_ways(size, matched):
+    m = 5 if matched else 7
+    a, c, scale = leaves((5, 3), (m, 3), (), seed=3)
 
     def both(a, c, s):
-        rows, cols = tiled_logsumexp_both_ways(a, c, s, size)
+        rows, cols = tiled_logsumexp_both_ways(a, c, s, size, matched=matched)
         return rows.sin().sum() + cols.cos().sum()     # distinct weights per output
 
     assert torch.autograd.gradcheck(both, (a, c, scale))
-    assert torch.autograd.gradcheck(lambda a, c, s: tiled_logsumexp_both_ways(a, c, s, size)[1],
-                                    (a, c, scale))      # the other output's gradient is None
-    rows, cols = tiled_logsumexp_both_ways(a, c, scale, size)
+    assert torch.autograd.gradcheck(       # the other output's gradient is None
+        lambda a, c, s: tiled_logsumexp_both_ways(a, c, s, size, matched=matched)[1],
+        (a, c, scale))
+    rows, cols = tiled_logsumexp_both_ways(a, c, scale, size, matched=matched)
     scores = scale * a @ c.T
-    torch.testing.assert_close(rows, torch.logsumexp(scores, 1), rtol=1e-12, atol=0)
-    torch.testing.assert_close(cols, torch.logsumexp(scores, 0), rtol=1e-12, atol=0)
+    diagonal = scores.diagonal() if matched else 0
+    torch.testing.assert_close(rows, torch.logsumexp(scores, 1) - diagonal, rtol=1e-12, atol=0)
+    torch.testing.assert_close(cols, torch.logsumexp(scores, 0) - diagonal, rtol=1e-12, atol=0)
+
+
+def test_index_positive_cancels_like_cross_entropy():
+    # nearly one-hot softmax: G = softmax - 1 must cancel inside the tile, not across two
+    # separately rounded terms (float32, temperature 0.01, positives almost identical)
+    g = torch.Generator().manual_seed(7)
+    z1 = torch.randn(600, 64, generator=g)
+    z2 = (z1 + 1e-3 * torch.randn(600, 64, generator=g)).requires_grad_()
+    z1.requires_grad_()
+    grads = {}
+    for tile in (0, 128):
+        loss = nt_xent(z1, z2, temperature=0.01, tile=tile)
+        grads[tile] = torch.autograd.grad(loss, (z1, z2))
+    for full, tiled in zip(grads[0], grads[128]):
+        assert float((tiled - full).abs().max()) <= 1e-5 * float(full.abs().max()) + 1e-12
 
 
 def test_function_returns_per_anchor_log_sum_exp():

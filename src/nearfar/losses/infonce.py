@@ -160,9 +160,8 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor | LogitScale | fl
     i, t = _embed(image, "cosine"), _embed(text, "cosine")
     # both directions share one score matrix: -log softmax of the diagonal along its rows
     # (image -> text) and along its columns (text -> image)
-    lse_images, lse_texts = _logsumexp_both_ways(i, t, scale, tile)
-    matched = scale * (i * t).sum(1)
-    return ((lse_images - matched).mean() + (lse_texts - matched).mean()) / 2
+    image_to_text, text_to_image = _contrast_both_ways(i, t, scale, tile)
+    return (image_to_text.mean() + text_to_image.mean()) / 2
 
 
 def supcon(z: Tensor, labels: Tensor, *, temperature: float | Tensor = 0.1,
@@ -288,14 +287,17 @@ def _contrast(a: Tensor, c: Tensor, scale: Tensor, *, index: Tensor | None = Non
                            tile, positives_name)
 
 
-def _logsumexp_both_ways(a: Tensor, c: Tensor, scale: Tensor, tile: int | None
-                         ) -> tuple[Tensor, Tensor]:
-    """Row and column log-sum-exp of scale * a c^T, full or tiled (no exclusions)."""
+def _contrast_both_ways(a: Tensor, c: Tensor, scale: Tensor, tile: int | None
+                        ) -> tuple[Tensor, Tensor]:
+    """Matched pairs (a_i, c_i) scored both ways over one score matrix: per row i,
+    -log softmax_j(s_ij) at j = i, and per column j, -log softmax_i(s_ij) at i = j."""
     tile = _resolve_tile(tile, a.shape[0], c.shape[0], a.device)
     if tile == 0:
         scores = (a * scale) @ c.t()
-        return torch.logsumexp(scores, 1), torch.logsumexp(scores, 0)
-    return tiled_logsumexp_both_ways(a, c, scale, tile)
+        index = torch.arange(len(a), device=a.device)
+        return (F.cross_entropy(scores, index, reduction="none"),
+                F.cross_entropy(scores.t(), index, reduction="none"))
+    return tiled_logsumexp_both_ways(a, c, scale, tile, matched=True)
 
 
 def _resolve_tile(tile: int | None, n: int, m: int, device: torch.device) -> int:
@@ -332,9 +334,9 @@ def _contrast_tiled(a, c, scale, index, mask, labels, exclude_self, exclude_mask
                     positives_name) -> Tensor:
     n, m = a.shape[0], c.shape[0]
     plan = dict(rows=tile, cols=tile, exclude_self=exclude_self, exclude_mask=exclude_mask)
-    outside = None      # positive scores cheap enough for plain autograd, O((N + M) D)
+    outside = None      # label positives from class sums: plain autograd, O((N + M) D)
     if index is not None:
-        outside = scale * (a * c[index]).sum(1)
+        plan["positive_index"] = index
     elif labels is not None and exclude_mask is None:
         dots, counts = _label_positive_dots(a, c, labels[0], labels[1], exclude_self)
         _check_counts(counts, positives_name)
