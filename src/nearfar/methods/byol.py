@@ -64,7 +64,7 @@ class BYOL(TwoViewMethod):
         loss = negative_cosine(p1, t2) + negative_cosine(p2, t1)
         with torch.no_grad():
             z1 = z.float().chunk(2)[0]
-            metrics = {"momentum": self.target.momentum,
+            metrics = {"momentum": self.target.last_momentum.clone(),
                        "target_cosine": F.cosine_similarity(t1, t2, dim=1).mean()}
         return StepOutput(loss=loss, metrics=metrics, embeddings=z1.detach())
 

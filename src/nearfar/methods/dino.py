@@ -76,6 +76,10 @@ class DINO(TwoViewMethod):
         student_temperature, teacher_temperature: DINO 0.1 and 0.04.
         center_momentum: of the teacher's running center (DINO: 0.9).
         base_momentum, momentum_schedule: the teacher's EMA (DINO: 0.996, cosine to 1).
+        freeze_prototypes: fraction of training during which the prototypes (the head's
+            last layer) get no gradient (DINO: the first epoch).
+        embed_with: "teacher" (DINO evaluates the teacher's backbone: it is the better
+            one, and its BatchNorm statistics come from global views only) or "student".
     """
 
     name = "dino"
@@ -87,9 +91,18 @@ class DINO(TwoViewMethod):
                  local_size: int | Sequence[int] | None = None,
                  student_temperature: float = 0.1, teacher_temperature: float = 0.04,
                  center_momentum: float = 0.9, base_momentum: float = 0.996,
-                 momentum_schedule: str = "cosine",
+                 momentum_schedule: str = "cosine", freeze_prototypes: float = 0.0,
+                 embed_with: str = "teacher",
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> None:
         super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+        if embed_with not in ("teacher", "student"):
+            raise ValueError(f"embed_with: expected 'teacher' or 'student', got {embed_with!r}")
+        self.embed_with = embed_with
+        self.freeze_prototypes = check_number(freeze_prototypes, "freeze_prototypes", low=0.0,
+                                              high=1.0)
+        # training progress seen by after_step, kept in the state so that a resumed run
+        # freezes the prototypes exactly as an uninterrupted one
+        self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
         self.local_crops = check_int(local_crops, "local_crops", low=0)
         if (not isinstance(local_scale, (list, tuple)) or len(local_scale) != 2
                 or not 0 < local_scale[0] <= local_scale[1] <= 1):
@@ -116,6 +129,10 @@ class DINO(TwoViewMethod):
 
     def _online(self) -> nn.Module:
         return nn.Sequential(self.encoder, self.head)
+
+    def embed(self, x: Tensor) -> Tensor:
+        encoder = self.teacher.module[0] if self.embed_with == "teacher" else self.encoder
+        return encoder(x.contiguous(memory_format=self.memory_format))
 
     def _local_size_for(self, h: int, w: int) -> tuple[int, int]:
         if self.local_size is not None:
@@ -145,12 +162,15 @@ class DINO(TwoViewMethod):
         n = x.shape[0]
         k = self.head.num_prototypes
         glob = torch.cat([g1, g2]).contiguous(memory_format=self.memory_format)
-        student = [self.head(self.encoder(glob)).float().view(2, n, k)]
+        frozen = self.freeze_prototypes > 0 and float(self.progress) < self.freeze_prototypes
+        student = [self.head(self.encoder(glob), freeze_prototypes=frozen).float()
+                   .view(2, n, k)]
         if self.local_crops:
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 loc = self.local_views(x, g)
             loc = loc.contiguous(memory_format=self.memory_format)
-            student.append(self.head(self.encoder(loc)).float().view(self.local_crops, n, k))
+            student.append(self.head(self.encoder(loc), freeze_prototypes=frozen).float()
+                           .view(self.local_crops, n, k))
         student_logits = torch.cat(student)                    # (2 + local_crops, N, K)
         with torch.no_grad():
             teacher_logits = self.teacher(glob).float().view(2, n, k)
@@ -160,12 +180,15 @@ class DINO(TwoViewMethod):
         # cross-entropy over every (teacher view, other student view) pair; in training
         # mode the center then moves towards this batch's teacher mean
         loss = self.dino(student_logits, teacher_logits)
-        metrics = {"momentum": self.teacher.momentum,
+        metrics = {"momentum": self.teacher.last_momentum.clone(),
                    "teacher_entropy": entropy / math.log(k)}   # 1 = uniform, 0 = one-hot
-        return StepOutput(loss=loss, metrics=metrics,
-                          embeddings=student_logits[0].detach())
+        # the collapse guard watches the teacher's centred, sharpened distributions: they
+        # become identical across images in both of DINO's collapses (one prototype for
+        # every image, or the uniform distribution)
+        return StepOutput(loss=loss, metrics=metrics, embeddings=targets[0])
 
     def after_step(self, progress: float) -> None:
+        self.progress.fill_(float(progress))
         self.teacher.update(self._online(), progress)
 
     def _local_card(self) -> dict[str, Any]:
@@ -191,12 +214,14 @@ class DINO(TwoViewMethod):
                 "temperature": {"student": self.dino.student_temperature,
                                 "teacher": self.dino.teacher_temperature},
                 "center_momentum": self.dino.momentum,
+                "prototypes_frozen_for": self.freeze_prototypes,
                 "head": {"in_dim": self.head.in_dim, "bottleneck_dim": self.head.bottleneck_dim,
                          "num_prototypes": self.head.num_prototypes},
                 "teacher": {"kind": "momentum (EMA) copy of encoder + head, stop-gradient",
                             "momentum": {"base": self.teacher.base_momentum,
                                          "schedule": self.teacher.schedule}},
                 "head_downstream": "dropped",
+                "embedding_from": f"the {self.embed_with}'s backbone",
             },
             "positives": {
                 "construction": f"multi-crop of the same image: 2 global views (seen by "

@@ -105,7 +105,7 @@ class MoCoV2(TwoViewMethod):
         else:
             loss = moco_loss_excluding(q, k, negatives, exclude, temperature=self.temperature,
                                        tile=self.tile)
-        metrics: dict[str, float | Tensor] = {"momentum": self.key_encoder.momentum}
+        metrics: dict[str, float | Tensor] = {"momentum": self.key_encoder.last_momentum.clone()}
         with torch.no_grad():
             metrics["positive_cosine"] = F.cosine_similarity(q, k, dim=1).mean()
             metrics["same_item_in_queue"] = (0.0 if exclude is None
@@ -220,7 +220,8 @@ class MoCoV3(TwoViewMethod):
         with torch.no_grad():
             k1, k2 = self.momentum_encoder(views).float().chunk(2)
         loss = self._contrast(q1, k2) + self._contrast(q2, k1)
-        metrics: dict[str, float | Tensor] = {"momentum": self.momentum_encoder.momentum}
+        metrics: dict[str, float | Tensor] = {
+            "momentum": self.momentum_encoder.last_momentum.clone()}
         with torch.no_grad():
             metrics["positive_cosine"] = (F.cosine_similarity(q1, k2, dim=1).mean()
                                           + F.cosine_similarity(q2, k1, dim=1).mean()) / 2

@@ -62,7 +62,9 @@ class EMA(nn.Module):
 
     Attributes:
         module: the copy; ``EMA(...)(x)`` runs it.
-        momentum: the m used by the latest :meth:`update` (``base_momentum`` before any).
+        momentum: the m used by the latest :meth:`update` (``base_momentum`` before any),
+            a float; ``last_momentum`` holds it as a 0-d buffer (saved with the weights,
+            so a resumed run logs the same values; log it without a device sync).
     """
 
     def __init__(self, online: nn.Module, base_momentum: float = 0.996, *,
@@ -75,9 +77,14 @@ class EMA(nn.Module):
                              f"{schedule!r}")
         self.base_momentum = _check_momentum(base_momentum, "base_momentum")
         self.schedule = schedule
-        self.momentum = self.base_momentum
         self.module = copy.deepcopy(online)
         self.module.requires_grad_(False)
+        self.register_buffer("last_momentum",
+                             torch.tensor(self.base_momentum, dtype=torch.float64))
+
+    @property
+    def momentum(self) -> float:
+        return float(self.last_momentum)
 
     def forward(self, *args, **kwargs) -> Tensor:
         return self.module(*args, **kwargs)
@@ -128,7 +135,7 @@ class EMA(nn.Module):
                 torch._foreach_copy_(t_list, o_list)
             else:
                 torch._foreach_lerp_(t_list, o_list, 1.0 - m)
-        self.momentum = m
+        self.last_momentum.fill_(m)
         return m
 
     def extra_repr(self) -> str:

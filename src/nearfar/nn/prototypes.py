@@ -50,7 +50,12 @@ class DinoHead(nn.Module):
         self.bottleneck_dim = bottleneck_dim
         self.num_prototypes = num_prototypes
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, in_dim) -> (B, K) prototype logits, each in [-1, 1]."""
+    def forward(self, x: Tensor, *, freeze_prototypes: bool = False) -> Tensor:
+        """(B, in_dim) -> (B, K) prototype logits, each in [-1, 1].
+
+        ``freeze_prototypes`` keeps the gradient from the prototypes (DINO freezes the
+        last layer during the first epoch, which stabilises the start of training).
+        """
         h = F.normalize(self.mlp(x), dim=1)
-        return h @ F.normalize(self.prototypes, dim=1).t()
+        w = self.prototypes.detach() if freeze_prototypes else self.prototypes
+        return h @ F.normalize(w, dim=1).t()
