@@ -1,5 +1,6 @@
 """The shared momentum copy (EMA) and the key queue, alone and inside the methods."""
 
+import json
 import math
 
 import pytest
@@ -264,21 +265,29 @@ def test_moco_leaves_out_stale_keys_of_the_same_item():
                                (ref / 3).float())
 
 
-def test_moco_queue_and_ema_resume_exactly(tmp_path):
+@pytest.mark.parametrize("name,kw,key", [
+    ("moco_v2", {"queue_size": 20}, "queue.keys"),
+    ("dino", {"num_prototypes": 16, "local_crops": 1, "freeze_prototypes": 0.5}, "dino.center"),
+])
+def test_queue_center_and_ema_resume_exactly(tmp_path, name, kw, key):
     data = (images(24, 12) * 255).to(torch.uint8)
 
     def run(run_dir, **fit):
-        m = tiny("moco_v2", queue_size=20, base_momentum=0.9)
+        seed_everything(0)
+        m = build_method(name, encoder="small_cnn", encoder_kwargs={"widths": (4, 8)},
+                         hidden_dim=16, base_momentum=0.9, **kw)
         cfg = TrainConfig(steps=4, batch_size=8, lr=1e-2, warmup_steps=1, progress=False,
                           log_every=1, checkpoint_every=2, tensorboard=False, collapse_std=0)
-        t = Trainer(m, data, cfg, run_dir=run_dir)
-        t.fit(**fit)
-        return t
+        Trainer(m, data, cfg, run_dir=run_dir).fit(**fit)
 
     run(tmp_path / "a")
     run(tmp_path / "b", stop_at_step=2)
     run(tmp_path / "b", resume=True)
     a, b = load_weights(tmp_path / "a"), load_weights(tmp_path / "b")
-    assert a.keys() == b.keys() and "queue.keys" in a and "key_encoder.module.1.net.0.weight" in a
+    assert a.keys() == b.keys() and key in a
+    assert any(k.endswith("last_momentum") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    logs = [[(r["loss"], r["momentum"]) for r in map(json.loads, (tmp_path / d /
+             "metrics.jsonl").read_text().splitlines())] for d in ("a", "b")]
+    assert len(logs[0]) == 4 and logs[0] == logs[1]
