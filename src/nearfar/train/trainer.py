@@ -97,17 +97,29 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _unpack_data(data: Any) -> tuple[Tensor, Tensor | None]:
+def _unpack_data(data: Any) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """(inputs, labels, extras) of a dataset: ``.images`` (N, ...) (images (N, C, H, W),
+    signals (N, C, L), ...), optional ``.labels`` (N,), and optional ``.extras``, a dict
+    of further per-item tensors (N, ...) (e.g. caption token ids) that batches carry
+    under their own keys."""
     images = getattr(data, "images", data)
     labels = getattr(data, "labels", None)
-    if not isinstance(images, Tensor) or images.ndim != 4:
+    if not isinstance(images, Tensor) or images.ndim < 2:
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"data: expected an ImageDataset or an (N, C, H, W) image tensor, "
                          f"got {got}")
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise ValueError(f"data: expected uint8 (0..255) or float (0..1) images, got "
                          f"{images.dtype}")
-    return images, labels
+    extras = dict(getattr(data, "extras", None) or {})
+    for key, value in extras.items():
+        if key in ("images", "labels", "index"):
+            raise ValueError(f"data.extras: {key!r} is reserved; rename it")
+        if not isinstance(value, Tensor) or value.ndim < 1 or value.shape[0] != images.shape[0]:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"data.extras[{key!r}]: expected a tensor with "
+                             f"{images.shape[0]} rows like the images, got {got}")
+    return images, labels, extras
 
 
 class Trainer:
@@ -137,7 +149,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.device = resolve_device(cfg.device)
 
-        images, labels = _unpack_data(data)
+        images, labels, extras = _unpack_data(data)
         self.n_items = int(images.shape[0])
         if cfg.batch_size > self.n_items:
             raise ValueError(f"TrainConfig.batch_size: {cfg.batch_size} is larger than the "
@@ -146,6 +158,7 @@ class Trainer:
         self._images = images.to(self.device) if on_device else images
         self._labels = None if labels is None else (labels.to(self.device) if on_device
                                                     else labels)
+        self._extras = {k: v.to(self.device) if on_device else v for k, v in extras.items()}
         self.micro_per_epoch = self.n_items // cfg.batch_size
         if cfg.epochs is not None:
             self.total_steps = max(1, round(cfg.epochs * self.micro_per_epoch / cfg.accumulate))
@@ -216,7 +229,10 @@ class Trainer:
         labels = None
         if self._labels is not None:
             labels = self._labels[src_idx].to(self.device, non_blocking=True)
-        return {"images": images, "labels": labels, "index": idx.to(self.device)}
+        batch = {"images": images, "labels": labels, "index": idx.to(self.device)}
+        for key, value in self._extras.items():
+            batch[key] = value[src_idx].to(self.device, non_blocking=True)
+        return batch
 
     def _autocast(self):
         if self.config.precision == "bf16":
