@@ -42,6 +42,9 @@ class ImageDataset:
         split: None for a whole dataset; for a part made by
             :func:`nearfar.data.train_test_split`, a dict saying which part and how it
             was made (``{"part": "test", "seed": 0, ...}``).
+        extras: further per-item tensors, ``key -> (N, ...)`` (e.g. a caption's UTF-8
+            bytes under ``"text"``), kept aligned by :meth:`subset` and hashed by
+            :meth:`sha256`; the trainer carries each into every batch under its key.
     """
 
     images: Tensor
@@ -52,6 +55,7 @@ class ImageDataset:
     source: str = ""
     label_names: list[str] | None = None
     split: dict[str, Any] | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         images = self.images
@@ -96,6 +100,15 @@ class ImageDataset:
         if self.labels is not None:
             meta["label"] = self.labels.tolist()
         self.meta = meta
+        extras = dict(self.extras or {})
+        for key, value in extras.items():
+            if key in ("images", "labels", "index"):
+                raise ValueError(f"extras[{key!r}]: the name is reserved for the batch; rename it")
+            if not isinstance(value, Tensor) or value.ndim < 1 or value.shape[0] != n:
+                got = _shape(value) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"extras[{key!r}]: expected a tensor with {n} rows (one per "
+                                 f"image), got {got}")
+        self.extras = extras
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -152,6 +165,7 @@ class ImageDataset:
             source=self.source,
             label_names=None if self.label_names is None else list(self.label_names),
             split=None if self.split is None else dict(self.split),
+            extras={k: v[idx] for k, v in self.extras.items()},
         )
 
     # ----------------------------------------------------------------- record
@@ -171,6 +185,10 @@ class ImageDataset:
             labels = self.labels.detach().cpu().to(torch.int64).contiguous()
             h.update(f"labels:int64:{tuple(labels.shape)}".encode())
             h.update(labels.numpy().astype("<i8").tobytes())
+        for key in sorted(self.extras):  # nothing is added when there are no extras
+            value = self.extras[key].detach().cpu().contiguous()
+            h.update(f"extras:{key}:{str(value.dtype)}:{tuple(value.shape)}".encode())
+            h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
         return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:
@@ -187,6 +205,9 @@ class ImageDataset:
             "classes": self.classes,
             "meta_columns": sorted(self.meta),
         }
+        if self.extras:
+            out["extras"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace(
+                "torch.", "")} for k, v in sorted(self.extras.items())}
         if self.labels is not None and len(self):
             counts = torch.bincount(self.labels, minlength=self.num_classes).tolist()
             out["class_counts"] = counts
