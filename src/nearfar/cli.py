@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=32, help="number of pairs (default 32)")
     p.add_argument("--nrow", type=int, default=8, help="pairs per row (default 8)")
     p.set_defaults(func=cmd_views)
+    from nearfar.index.cli import register as register_index
+    register_index(sub)
     return parser
 
 
