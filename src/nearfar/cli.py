@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_views)
     from nearfar.index.cli import register as register_index
     register_index(sub)
+    from nearfar.serve.cli import register as register_serve
+    register_serve(sub)
     return parser
 
 
