@@ -367,6 +367,9 @@ class VectorIndex:
                 last_error = exc
                 if writable:
                     break
+            except BaseException:
+                self.close()
+                raise
         self.close()
         raise IndexCorruptError(f"{path}: a file the manifest names is missing "
                                 f"({last_error})")
@@ -432,17 +435,18 @@ class VectorIndex:
         # replay the write-ahead log
         applied_seq = int(self._last_entry["seq"])
         lines = read_lines(self.path / WAL)
+        wal_size = (self.path / WAL).stat().st_size if lines else 0
         stale = 0
         self._wal_records = 0
         for i, (offset, raw) in enumerate(lines):
             record = self._parse_wal(raw)
             if record is None:
-                if i == len(lines) - 1:      # torn by a crash mid-write: never acknowledged
+                if offset + len(raw) == wal_size:   # no newline: torn mid-write, never acked
                     if self.writable:
                         truncate_to(self.path / WAL, offset)
                     break
-                raise IndexCorruptError(f"{self.path / WAL}: record {i + 1} is corrupt and "
-                                        f"not the last one (not a torn write)")
+                raise IndexCorruptError(f"{self.path / WAL}: record {i + 1} is complete but does "
+                                        f"not match its checksum (changed on disk)")
             seq = int(record["seq"])
             if seq <= applied_seq:
                 stale += 1
@@ -465,6 +469,11 @@ class VectorIndex:
         if ntotal != len(self._by_key) + len(self._tombstones):
             raise IndexCorruptError(f"{self.path}: the FAISS index holds {ntotal} vectors but "
                                     f"the item list {len(self._by_key)}")
+        if self._log.head_seq > applied_seq:
+            raise IndexCorruptError(
+                f"{self.path}: the audit log records changes up to entry {self._log.head_seq} but "
+                f"the index holds them only up to {applied_seq}: the write-ahead log "
+                f"({WAL}) was removed or cut; restore it from a backup")
         if self.index_hash != expected_hash:
             raise IndexCorruptError(f"{self.path}: the items do not add up to the recorded "
                                     f"index hash; a file was changed")
