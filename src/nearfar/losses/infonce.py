@@ -10,13 +10,26 @@ al. (2020), which is the InfoNCE of van den Oord et al. (2018) when |P(i)| = 1. 
 
 Two exact paths compute it. The full path builds the N x M score matrix and lets autograd
 do the rest; the tiled path (`nearfar.losses.tiled`) never holds that matrix, so memory grows
-linearly with the batch. `tile=None` picks the tiled path when N * M > `AUTO_TILE_ABOVE`,
-`tile=0` forces the full matrix, `tile=k` tiles with k rows / columns per tile.
+linearly with the batch (values and gradients agree to ~1e-7 relative in float32, ~1e-15 in
+float64). `tile=None` takes the tiled path when N * M > `AUTO_TILE_ABOVE`, `tile=0` forces
+the full matrix, `tile=k` uses k x k tiles. One tensor on both sides (nt_xent, supcon) and
+CLIP's two directions reuse every tile twice.
 
-Measured on a 2-core CPU (torch 2.13, float32, D = 128, nt_xent forward + backward, median
-of 3 in a fresh process; `python benchmarks/tiled_infonce.py`, numbers in the commit log):
-the tiled path is at least as fast as the full one from 2N = 2048 up and uses a fraction of
-the memory, so the threshold is low.
+Why the threshold is low (2-core Xeon VM shared with other jobs, torch 2.13 CPU, float32,
+D = 128, nt_xent forward + backward, one intra-op thread; fresh process per cell, median of 3:
+``python benchmarks/loss_memory.py --sizes 2048,8192,16384 --impls auto,full --threads 1``):
+
+    2N       tiled (auto)          full (tile=0)        time ratio
+    2,048    77 ms / 0.02 GiB      97 ms / 0.08 GiB     0.80x
+    8,192    0.73 s / 0.05 GiB     2.01 s / 0.79 GiB    0.36x
+    16,384   2.25 s / 0.08 GiB     8.52 s / 3.03 GiB    0.26x
+    65,536   ~45 s / 0.54 GiB         would need ~51 GiB
+
+(memory: peak RSS increase over the inputs; the 65,536 row is the whole process's peak RSS,
+one run, /usr/bin/time). Both paths cost the same at 2N = 512; the
+tiled one wins from 2N = 1024 on (interleaved runs, min of 15: 23 vs 24 ms at 1024, 31 vs 61 ms
+at 2048). With two threads on this oversubscribed VM every timing is dominated by OpenMP
+spin-waiting (set OMP_WAIT_POLICY=PASSIVE or one thread to measure).
 """
 
 from __future__ import annotations
@@ -80,8 +93,10 @@ def info_nce(anchors: Tensor, candidates: Tensor, positives: Tensor, *,
             and are never positives.
         temperature: > 0, a number or a scalar tensor (learnable: gradients reach it).
         similarity: "cosine" (both sides L2-normalised here) or "dot".
-        tile: None picks the exact memory-linear tiled path for N * M > AUTO_TILE_ABOVE;
-            0 forces the full N x M matrix; k > 0 uses k x k tiles.
+        tile: None takes the exact memory-linear tiled path when N * M > AUTO_TILE_ABOVE
+            (512 * 512); 0 forces the full N x M matrix; k > 0 uses k x k tiles. Passing
+            the same tensor as anchors and candidates lets the tiled path use each tile
+            twice.
 
     Returns:
         Scalar loss, the mean over the N anchors.
