@@ -53,3 +53,8 @@ __all__ = [
     "to_float",
     "train_test_split",
 ]
+
+# synthetic time series (issue 4); importing registers load_dataset("signals")
+from nearfar.data.signals import SIGNAL_CLASSES, SignalDataset, load_signals  # noqa: E402
+
+__all__ += ["SIGNAL_CLASSES", "SignalDataset", "load_signals"]

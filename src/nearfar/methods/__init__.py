@@ -25,3 +25,8 @@ from nearfar.methods.vicreg import VICReg  # noqa: E402
 
 __all__ += ["BYOL", "DINO", "BarlowTwins", "MoCoV2", "MoCoV3", "SimSiam", "SupCon",
             "SupConMixed", "VICReg"]
+
+# Contrastive Predictive Coding (issue 4); registers "cpc"
+from nearfar.methods.cpc import CPC  # noqa: E402
+
+__all__ += ["CPC"]

@@ -15,3 +15,14 @@ __all__ = [
     "parameter_count",
     "register_encoder",
 ]
+
+# sequence encoders for CPC and signals (issue 4); registers conv1d, conv1d_chunks, patch_chunks
+from nearfar.nn.sequence import (  # noqa: E402
+    ContextGRU,
+    Conv1dChunks,
+    Conv1dEncoder,
+    PatchChunks,
+    SequenceEncoder,
+)
+
+__all__ += ["ContextGRU", "Conv1dChunks", "Conv1dEncoder", "PatchChunks", "SequenceEncoder"]

@@ -66,3 +66,8 @@ __all__ = [
     "register_op",
     "save_pair_grid",
 ]
+
+# temporal positives for sequences (issue 4)
+from nearfar.views.temporal import TemporalPairs, WindowPair  # noqa: E402
+
+__all__ += ["TemporalPairs", "WindowPair"]
