@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,10 +46,17 @@ from nearfar.train import TrainConfig, Trainer, seed_everything
 from nearfar.train.checkpoint import CheckpointError, atomic_write_json, load_weights
 from nearfar.train.trainer import resolve_device
 from nearfar.views import build_two_views, default_mnist_views
+from nearfar.views.temporal import temporal_signal_pairs
 
 RECIPE_FILE = "recipe.json"
 EVAL_FILE = "eval.json"
 VIEW_PRESETS = {"mnist": default_mnist_views}
+# sequences (issue 4): adjacent windows of a signal as the positive pair, and no views
+# at all for methods whose positives come from the sequence itself (CPC)
+VIEW_PRESETS["temporal"] = temporal_signal_pairs
+VIEW_PRESETS["none"] = lambda: None
+# encoders whose first argument is the input's channel count
+CHANNEL_ENCODERS = ("small_cnn", "resnet18", "conv1d", "conv1d_chunks", "patch_chunks")
 
 
 class RunError(ValueError):
@@ -118,11 +126,10 @@ def _encoder_kwargs(name: str, given: dict[str, Any], image_shape: tuple[int, in
                     ) -> dict[str, Any]:
     """Fill the input size of the encoder from the data unless the recipe sets it."""
     kwargs = dict(given)
-    c, h, w = image_shape
-    if name in ("small_cnn", "resnet18"):
-        kwargs.setdefault("in_channels", c)
+    if name in CHANNEL_ENCODERS:
+        kwargs.setdefault("in_channels", image_shape[0])
     elif name == "mlp":
-        kwargs.setdefault("in_dim", c * h * w)
+        kwargs.setdefault("in_dim", math.prod(image_shape))
     return kwargs
 
 
@@ -293,9 +300,10 @@ class Encoder:
         if not isinstance(images, Tensor):
             raise ValueError(f"images: expected a tensor or numpy array, got "
                              f"{type(images).__name__}")
-        if images.ndim == 3:
+        rank = len(self.image_shape) + 1     # 4 for images (N, C, H, W), 3 for signals
+        if images.ndim == rank - 1:
             images = images.unsqueeze(0)
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+        if images.ndim != rank or tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(f"images: expected shape (N, {', '.join(map(str, self.image_shape))})"
                              f" like the training data, got {tuple(images.shape)}")
         return images

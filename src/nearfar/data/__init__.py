@@ -58,3 +58,12 @@ __all__ = [
 from nearfar.data.signals import SIGNAL_CLASSES, SignalDataset, load_signals  # noqa: E402
 
 __all__ += ["SIGNAL_CLASSES", "SignalDataset", "load_signals"]
+
+# false negatives (issue 4): batches without repeated groups, exclusion masks
+from nearfar.data.samplers import (  # noqa: E402
+    DistinctGroupBatches,
+    same_group_mask,
+    two_view_exclusion,
+)
+
+__all__ += ["DistinctGroupBatches", "same_group_mask", "two_view_exclusion"]

@@ -72,8 +72,10 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
-def check_batch(batch: object) -> Tensor:
-    """The ``images`` of a batch dict, checked: float (B, C, H, W)."""
+def check_batch(batch: object, *, ndim: int = 4) -> Tensor:
+    """The ``images`` of a batch dict, checked: float (B, C, H, W); with ``ndim=3``, float
+    (B, C, L) signals (for views that take sequences, e.g. ``nearfar.views.TemporalPairs``,
+    whose ``input_ndim`` is 3)."""
     if not isinstance(batch, dict):
         raise ValueError(
             f"batch: expected a dict with 'images', 'labels', 'index', got {type(batch).__name__}"
@@ -81,9 +83,10 @@ def check_batch(batch: object) -> Tensor:
     if "images" not in batch:
         raise ValueError(f"batch: expected an 'images' entry, got keys {sorted(batch)}")
     x = batch["images"]
-    if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
+    if not isinstance(x, Tensor) or x.ndim != ndim or not x.is_floating_point():
         got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"batch['images']: expected a float (B, C, H, W) tensor, got {got}")
+        shape = "(B, C, H, W)" if ndim == 4 else "(B, C, L)" if ndim == 3 else f"{ndim}-D"
+        raise ValueError(f"batch['images']: expected a float {shape} tensor, got {got}")
     if x.shape[0] < 2:
         raise ValueError(
             f"batch['images']: expected at least 2 items (negatives come from the batch), "

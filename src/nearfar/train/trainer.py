@@ -133,10 +133,14 @@ class Trainer:
         config: a :class:`TrainConfig` (defaults if None).
         run_dir: directory for checkpoints, ``metrics.jsonl`` and ``run.json``; None
             records nothing (and cannot resume).
+        batch_order: optional ``order(perm, batch_size) -> perm`` applied to each epoch's
+            random permutation before it is cut into batches (a pure function of perm,
+            so resuming stays exact), e.g. ``nearfar.data.DistinctGroupBatches`` to keep
+            duplicates out of one batch.
     """
 
     def __init__(self, method: Any, data: Any, config: TrainConfig | None = None, *,
-                 run_dir: str | os.PathLike | None = None) -> None:
+                 run_dir: str | os.PathLike | None = None, batch_order: Any = None) -> None:
         self.config = cfg = config if config is not None else TrainConfig()
         if not isinstance(cfg, TrainConfig):
             raise ValueError(f"config: expected a TrainConfig, got {type(cfg).__name__}")
@@ -146,6 +150,10 @@ class Trainer:
                                  f"{type(method).__name__}")
         self.method = method
         self.data = data
+        if batch_order is not None and not callable(batch_order):
+            raise ValueError(f"batch_order: expected None or a callable (perm, batch_size) -> "
+                             f"perm, got {type(batch_order).__name__}")
+        self.batch_order = batch_order
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.device = resolve_device(cfg.device)
 
@@ -217,6 +225,12 @@ class Trainer:
             if self.perm is not None:
                 self.epoch += 1
             self.perm = torch.randperm(self.n_items, generator=self.data_generator)
+            if self.batch_order is not None:
+                perm = self.batch_order(self.perm, bs)
+                if not isinstance(perm, Tensor) or perm.shape != self.perm.shape:
+                    raise ValueError(f"batch_order: expected a permutation of shape "
+                                     f"({self.n_items},), got {getattr(perm, 'shape', perm)}")
+                self.perm = perm
             self.cursor = 0
         idx = self.perm[self.cursor:self.cursor + bs]
         self.cursor += bs
@@ -353,6 +367,9 @@ class Trainer:
             describe = getattr(self.data, "describe", None)
             if callable(describe):
                 info["data"] = describe()
+            describe = getattr(self.batch_order, "describe", None)
+            if callable(describe):
+                info["batch_order"] = describe()
             atomic_write_json(self.run_dir / RUN_INFO, info)
 
     def _open_tensorboard(self):

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from nearfar.views.base import check_number, check_range, rand, randn
 
-__all__ = ["TemporalPairs", "WindowPair"]
+__all__ = ["TemporalPairs", "WindowPair", "temporal_signal_pairs"]
 
 
 class WindowPair(NamedTuple):
@@ -64,6 +64,7 @@ class TemporalPairs:
     """
 
     name = "temporal_pairs"
+    input_ndim = 3          # takes (B, C, L) sequences: methods check batches for it
 
     def __init__(self, window: int = 128, *, min_gap: int = 0, max_gap: int = 64,
                  scale: tuple[float, float] | list[float] = (1.0, 1.0), noise: float = 0.0
@@ -135,3 +136,9 @@ class TemporalPairs:
     def __repr__(self) -> str:
         return (f"TemporalPairs(window={self.window}, min_gap={self.min_gap}, "
                 f"max_gap={self.max_gap}, scale={list(self.scale)}, noise={self.noise})")
+
+
+def temporal_signal_pairs() -> TemporalPairs:
+    """The ``[views] preset = "temporal"`` of recipes: windows of 128 samples, 0..64 apart,
+    each scaled by its own factor in [0.7, 1.3] (for the 512-sample ``"signals"`` data)."""
+    return TemporalPairs(128, min_gap=0, max_gap=64, scale=(0.7, 1.3))
