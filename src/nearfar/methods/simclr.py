@@ -13,7 +13,9 @@ try:
     from nearfar.losses import nt_xent
 except ImportError:  # pragma: no cover - until nearfar.losses re-exports it
     from nearfar.losses.infonce import nt_xent
+from nearfar.losses import hard_negative_info_nce, info_nce, partner_index
 from nearfar.methods.base import Method, StepOutput, check_batch
+from nearfar.methods.metrics import false_negative_rate
 from nearfar.methods.registry import register_method
 from nearfar.nn import ProjectionHead, build_encoder, parameter_count
 
@@ -23,6 +25,9 @@ def _describe_views(views: Callable) -> Any:
     if callable(describe):
         return describe()
     return {"callable": getattr(views, "__qualname__", type(views).__name__)}
+
+
+LOSSES = ("nt_xent", "debiased", "hard_negative")
 
 
 @register_method("simclr")
@@ -43,6 +48,14 @@ class SimCLR(Method):
         encoder_kwargs: constructor keywords when ``encoder`` is a name.
         seed: seeds the views when no generator is passed to :meth:`loss`.
         tile: rows per tile for the exact memory-linear NT-Xent path (None: automatic).
+        loss: "nt_xent"; "debiased" (Chuang et al., 2020: the negative term corrected
+            for a class prior ``tau_plus``) or "hard_negative" (Robinson et al., 2021:
+            also weighted towards hard negatives by ``beta``).
+        tau_plus, beta: of the debiased / hard-negative losses.
+        exclude_same_label: drop same-label pairs from the negatives (needs labels; for
+            (semi-)supervised runs and false-negative studies).
+        exclude_same_group: drop pairs with the same ``batch["group"]`` (per-item
+            extras, e.g. duplicate-cluster or source ids) from the negatives.
     """
 
     name = "simclr"
@@ -53,8 +66,15 @@ class SimCLR(Method):
                  temperature: float = 0.5, hidden_dim: int = 512, out_dim: int = 128,
                  num_layers: int = 2, keep_head: bool = False,
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
-                 tile: int | None = None) -> None:
+                 tile: int | None = None, loss: str = "nt_xent", tau_plus: float = 0.1,
+                 beta: float = 1.0, exclude_same_label: bool = False,
+                 exclude_same_group: bool = False) -> None:
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {loss!r}")
+        self.loss_name, self.tau_plus, self.beta = loss, float(tau_plus), float(beta)
+        self.exclude_same_label = bool(exclude_same_label)
+        self.exclude_same_group = bool(exclude_same_group)
         if isinstance(encoder, str):
             encoder = build_encoder(encoder, **dict(encoder_kwargs or {}))
         elif encoder_kwargs:
@@ -98,7 +118,7 @@ class SimCLR(Method):
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
              ) -> StepOutput:
-        x = check_batch(batch)
+        x = check_batch(batch, ndim=getattr(self.views, "input_ndim", 4))
         g = generator if generator is not None else self._generator(x.device)
         # views in fp32 even under autocast: bf16 resampling is slower on CPUs and coarser
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
@@ -111,11 +131,47 @@ class SimCLR(Method):
         # one forward over both views: same BatchNorm statistics for both, one big conv
         z = self.head(self.encoder(views)).float()
         z1, z2 = z.chunk(2)
-        loss = nt_xent(z1, z2, temperature=self.temperature, tile=self.tile)
+        exclude = self._exclusion(batch, len(z1), z.device)
+        if self.loss_name != "nt_xent":
+            loss = hard_negative_info_nce(
+                z1, z2, temperature=self.temperature, tau_plus=self.tau_plus,
+                beta=self.beta if self.loss_name == "hard_negative" else 0.0, exclude=exclude)
+        elif exclude is not None:
+            loss = info_nce(z, z, partner_index(len(z1), device=z.device), exclude=exclude,
+                            temperature=self.temperature, tile=self.tile)
+        else:
+            loss = nt_xent(z1, z2, temperature=self.temperature, tile=self.tile)
         with torch.no_grad():
-            positive_cosine = F.cosine_similarity(z1, z2, dim=1).mean()
-        return StepOutput(loss=loss, metrics={"positive_cosine": positive_cosine},
-                          embeddings=z1.detach())
+            metrics = {"positive_cosine": F.cosine_similarity(z1, z2, dim=1).mean()}
+            labels = batch.get("labels")
+            if isinstance(labels, Tensor):
+                # share of the scored negatives that carry the anchor's label
+                own = torch.arange(len(z1), device=z.device).repeat(2)
+                negatives = own[:, None] != own[None, :]
+                if exclude is not None:
+                    negatives &= ~exclude
+                lab = labels.repeat(2)
+                metrics["false_negative_rate"] = false_negative_rate(lab, lab,
+                                                                     negatives=negatives)
+        return StepOutput(loss=loss, metrics=metrics, embeddings=z1.detach())
+
+    def _exclusion(self, batch: dict[str, Any], n: int, device: torch.device) -> Tensor | None:
+        """(2N, 2N) known false negatives (same label / same group), or None."""
+        from nearfar.data.samplers import two_view_exclusion
+
+        mask = None
+        for wanted, key in ((self.exclude_same_label, "labels"),
+                            (self.exclude_same_group, "group")):
+            if not wanted:
+                continue
+            ids = batch.get(key)
+            if not isinstance(ids, Tensor) or ids.shape != (n,):
+                raise ValueError(f"batch[{key!r}]: expected ({n},) integer ids for "
+                                 f"exclude_same_{key.rstrip('s')}, got "
+                                 f"{getattr(ids, 'shape', ids)!r}")
+            m = two_view_exclusion(ids.to(device))
+            mask = m if mask is None else mask | m
+        return mask
 
     def describe(self) -> dict[str, Any]:
         n = self.batch_size
@@ -123,8 +179,10 @@ class SimCLR(Method):
             "method": "simclr",
             "reference": "Chen et al., 2020",
             "objective": {
-                "loss": "nt_xent",
+                "loss": self.loss_name,
                 "temperature": self.temperature,
+                **({} if self.loss_name == "nt_xent" else {"tau_plus": self.tau_plus}),
+                **({"beta": self.beta} if self.loss_name == "hard_negative" else {}),
                 "projection_head": {
                     "in_dim": self.head.in_dim,
                     "out_dim": self.head.out_dim,
@@ -140,7 +198,9 @@ class SimCLR(Method):
                 "source": "in-batch",
                 "batch_size": n,
                 "per_anchor": None if n is None else 2 * n - 2,
-                "exclusions": ["the anchor itself", "its partner view (the positive)"],
+                "exclusions": ["the anchor itself", "its partner view (the positive)"]
+                + (["same-label items"] if self.exclude_same_label else [])
+                + (["same-group items (batch['group'])"] if self.exclude_same_group else []),
             },
             "modality": self.modality,
             "encoder": {
