@@ -83,6 +83,8 @@ WAL_COMPACT_BYTES = 64 << 20
 #: filters that match at most this many items are scored exactly (ANN kinds)
 EXACT_FILTER_MAX = 4096
 MAX_K = 10_000
+#: IVF k-means trains on at most this many vectors per list (a seeded sample)
+IVF_TRAIN_PER_LIST = 64
 MAX_ID_CHARS = 512
 CACHE_SIZE = 1024
 _MOD = 1 << 256
@@ -125,6 +127,12 @@ class Item:
     h: str
     content: str | None = None
     source: str | None = None
+    line: str | None = None      # its line in the items file, once serialised
+
+    def serialised(self) -> str:
+        if self.line is None:
+            self.line = canonical_json(self.to_json())
+        return self.line
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "id": self.id, "meta": self.meta, "h": self.h}
@@ -135,9 +143,9 @@ class Item:
         return out
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Item:
+    def from_json(cls, d: Mapping[str, Any], line: str | None = None) -> Item:
         return cls(int(d["key"]), str(d["id"]), dict(d["meta"]), str(d["h"]),
-                   d.get("content"), d.get("source"))
+                   d.get("content"), d.get("source"), line)
 
 
 def item_hash(item_id: str, meta: Mapping[str, Any], vector: np.ndarray) -> str:
@@ -166,7 +174,7 @@ def default_params(kind: str, n: int) -> dict[str, Any]:
     if kind == "flat":
         return {}
     if kind == "ivf":
-        nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), max(1, n // 39)))
+        nlist = max(1, min(int(math.sqrt(max(n, 1))), max(1, n // 39)))
         return {"nlist": nlist, "nprobe": min(16, nlist)}
     if kind == "hnsw":
         return {"M": 32, "ef_construction": 80, "ef_search": 64, "rebuild_fraction": 0.1}
@@ -197,6 +205,9 @@ def _new_faiss_index(kind: str, dim: int, params: Mapping[str, Any],
         raise IndexStoreError(f"kind ivf: training needs at least nlist={params['nlist']} "
                               f"vectors, got {0 if train is None else len(train)}; build the "
                               f"index from data, or use kind flat")
+    cap = IVF_TRAIN_PER_LIST * int(params["nlist"])
+    if len(train) > cap:     # k-means on a seeded sample: minutes saved at millions of items
+        train = train[np.random.default_rng(0).choice(len(train), cap, replace=False)]
     index.train(np.ascontiguousarray(train, dtype=np.float32))
     index.set_direct_map_type(faiss.DirectMap.Hashtable)   # reconstruct and remove by key
     return index
@@ -263,6 +274,11 @@ class VectorIndex:
         self._lock = threading.RLock()
         self._lock_fd: int | None = None
         self._cache: OrderedDict[tuple, list[tuple[int, float]]] = OrderedDict()
+        self._selectors: dict[str, tuple[set[int], Any]] = {}   # filter -> (keys, IDSelector)
+        #: OpenMP threads for each search, set in the calling thread (None: FAISS's default).
+        #: One query gains nothing from more, and on a busy machine 2+ threads wait on
+        #: each other: a service answering many requests at once should use 1.
+        self.search_threads: int | None = None
         self._fields: dict[str, dict[str, set[int]]] = {}
         self._items: dict[str, Item] = {}
         self._by_key: dict[int, Item] = {}
@@ -427,7 +443,8 @@ class VectorIndex:
         self._items, self._by_key, self._adhash = {}, {}, 0
         for _, raw in read_lines(self.path / self._items_name(gen)):
             if raw.strip():
-                self._insert(Item.from_json(json.loads(raw)))
+                text = raw.decode("utf-8")
+                self._insert(Item.from_json(json.loads(text), text))
         expected_hash = self.manifest["index_hash"]
         self._log = AuditLog(self.path / LOG)
         self._last_entry = dict(self.manifest["last_log_entry"])
@@ -618,7 +635,23 @@ class VectorIndex:
     def _clear_cache(self) -> int:
         n = len(self._cache)
         self._cache.clear()
+        self._selectors.clear()
         return n
+
+    def set_search_params(self, **params: Any) -> None:
+        """Change ``nprobe`` (ivf) or ``ef_search`` (hnsw) for this process; to keep a
+        value, give it when building the index."""
+        allowed = {"ivf": {"nprobe"}, "hnsw": {"ef_search"}}.get(self.kind, set())
+        for name, value in params.items():
+            if name not in allowed:
+                raise IndexStoreError(f"{name}: not a search parameter of a {self.kind} index "
+                                      f"(those are: {', '.join(sorted(allowed)) or 'none'})")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise IndexStoreError(f"{name}: expected a positive integer, got {value!r}")
+        with self._lock:
+            self.manifest["params"].update(params)
+            self._apply_runtime_params()
+            self._cache.clear()
 
     def _field_table(self, field: str) -> dict[str, set[int]]:
         table = self._fields.get(field)
@@ -640,8 +673,7 @@ class VectorIndex:
         files[self._faiss_name(gen)] = atomic_write(self.path / self._faiss_name(gen), blob,
                                                     sync_dir=False)
         del blob
-        lines = [canonical_json(it.to_json()) for it in
-                 sorted(self._by_key.values(), key=lambda it: it.key)]
+        lines = [it.serialised() for it in sorted(self._by_key.values(), key=lambda it: it.key)]
         files[self._items_name(gen)] = atomic_write(
             self.path / self._items_name(gen), ("\n".join(lines) + "\n").encode("utf-8")
             if lines else b"", sync_dir=False)
@@ -667,6 +699,7 @@ class VectorIndex:
     def _reload(self) -> None:
         """Back to what is on disk after a failed change (memory may be half-applied)."""
         self._cache.clear()
+        self._selectors = {}
         self._fields = {}
         self._tombstones = set()
         self._load(verify_files=False)
@@ -913,25 +946,47 @@ class VectorIndex:
             return faiss.SearchParametersIVF(sel=sel, nprobe=int(p["nprobe"]))
         return faiss.SearchParameters(sel=sel) if sel is not None else None
 
-    def _search_keys(self, q: np.ndarray, k: int, allowed: set[int] | None
-                     ) -> list[list[tuple[int, float]]]:
+    def _filter(self, where: Mapping[str, Any]) -> tuple[set[int] | None, Any]:
+        """The keys a filter allows and a FAISS selector for them (cached until a change)."""
+        if not where:
+            return None, None
+        wkey = canonical_json(where)
+        hit = self._selectors.get(wkey)
+        if hit is None:
+            allowed = self._allowed(where)
+            keys = np.fromiter(allowed, dtype=np.int64, count=len(allowed))
+            if len(keys) > EXACT_FILTER_MAX:
+                hit = (allowed, _faiss().IDSelectorBatch(keys))
+            else:     # few enough to score exactly: keep their vectors
+                hit = (allowed, (keys, self._vectors_of_keys(keys)))
+            self._selectors[wkey] = hit
+            while len(self._selectors) > 16:
+                self._selectors.pop(next(iter(self._selectors)))
+        return hit
+
+    def _search_keys(self, q: np.ndarray, k: int, allowed: set[int] | None,
+                     sel: Any = None) -> list[list[tuple[int, float]]]:
         faiss = _faiss()
         if allowed is not None and len(allowed) <= EXACT_FILTER_MAX:
             if not allowed:
                 return [[] for _ in range(len(q))]
-            keys = np.fromiter(allowed, dtype=np.int64, count=len(allowed))
-            scores = q @ self._vectors_of_keys(keys).T
-            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            return [[(int(keys[j]), float(scores[r, j])) for j in top[r]] for r in range(len(q))]
-        sel = None
-        if allowed is not None:
-            sel = faiss.IDSelectorBatch(np.fromiter(allowed, dtype=np.int64, count=len(allowed)))
-        elif self._tombstones:
+            keys, vectors = sel
+            scores = q @ vectors.T
+            kk = min(k, len(keys))
+            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+            out = []
+            for r in range(len(q)):
+                order = top[r][np.argsort(-scores[r, top[r]], kind="stable")]
+                out.append([(int(keys[j]), float(scores[r, j])) for j in order])
+            return out
+        if allowed is None and self._tombstones:
             batch = faiss.IDSelectorBatch(np.fromiter(self._tombstones, dtype=np.int64,
                                                       count=len(self._tombstones)))
             sel = faiss.IDSelectorNot(batch)
             sel.referenced_batch = batch   # keep it alive while sel is used
         params = self._search_params(k, sel)
+        if self.search_threads is not None:
+            faiss.omp_set_num_threads(int(self.search_threads))
         scores, labels = self._faiss.search(q, k, params=params)
         out = []
         for r in range(len(q)):
@@ -972,7 +1027,7 @@ class VectorIndex:
                     missing.append(r)
                 rows.append(hit)
             if missing:
-                found = self._search_keys(q[missing], k, self._allowed(where))
+                found = self._search_keys(q[missing], k, *self._filter(where))
                 for r, res in zip(missing, found):
                     rows[r] = res
                     self._cache[(q[r].tobytes(), k, wkey)] = res
