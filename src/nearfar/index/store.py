@@ -383,12 +383,24 @@ class VectorIndex:
                 last_error = exc
                 if writable:
                     break
+            except IndexCorruptError:
+                if not writable and self._manifest_changed():
+                    continue          # a writer committed while we read: read again
+                self.close()
+                raise
             except BaseException:
                 self.close()
                 raise
         self.close()
         raise IndexCorruptError(f"{path}: a file the manifest names is missing "
                                 f"({last_error})")
+
+    def _manifest_changed(self) -> bool:
+        try:
+            current = json.loads((self.path / MANIFEST).read_text("utf-8"))
+        except (OSError, ValueError):
+            return True
+        return current.get("generation") != getattr(self, "manifest", {}).get("generation")
 
     def _acquire(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

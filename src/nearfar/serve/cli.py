@@ -53,7 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app, index = open_service(args.index_dir, args.run, args.keys, device=args.device,
                               max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                              max_batch=args.max_batch)
+                              max_batch=args.max_batch,
+                              search_threads=args.search_threads or None)
 
     def announce(url: str) -> None:
         info = index.info()
@@ -94,6 +95,9 @@ def register(subparsers: Any) -> None:
                    help="largest request body in MiB (default 8)")
     p.add_argument("--max-batch", type=int, default=256,
                    help="most images / vectors / items per request (default 256)")
+    p.add_argument("--search-threads", type=int, default=1,
+                   help="OpenMP threads per search (default 1; requests already run in "
+                        "parallel; 0 = FAISS's default)")
     p.add_argument("--device", default="auto", help="device for the encoder (default auto)")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn)")
     p.add_argument("--url-file", default=None, help="write the bound URL to this file")

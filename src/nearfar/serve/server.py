@@ -20,7 +20,8 @@ from nearfar.serve.keys import KeyFileError, KeyStore
 
 def open_service(index_dir: str | os.PathLike, run_dir: str | os.PathLike,
                  keys_file: str | os.PathLike, *, device: str = "auto",
-                 max_body_bytes: int = MAX_BODY_BYTES, max_batch: int = MAX_BATCH):
+                 max_body_bytes: int = MAX_BODY_BYTES, max_batch: int = MAX_BATCH,
+                 search_threads: int | None = 1):
     """``(app, index)``: the index opened for writing (locked), bound to the run's encoder.
 
     Raises EncoderMismatchError when the run is not the index's encoder version, and
@@ -32,6 +33,7 @@ def open_service(index_dir: str | os.PathLike, run_dir: str | os.PathLike,
                            f"add --keys {keys_file} --role admin`")
     bound = bind_run(run_dir, device=device)
     index = VectorIndex.open(index_dir)
+    index.search_threads = search_threads     # requests run in parallel, each single-threaded
     try:
         app = create_app(index, bound, keys, max_body_bytes=max_body_bytes,
                          max_batch=max_batch)
