@@ -67,3 +67,15 @@ from nearfar.data.samplers import (  # noqa: E402
 )
 
 __all__ += ["DistinctGroupBatches", "same_group_mask", "two_view_exclusion"]
+
+# captioned images (issue 4); importing registers load_dataset("mnist5k_captions", "shapes")
+from nearfar.data.captions import (  # noqa: E402
+    load_mnist5k_captions,
+    prompt_templates,
+    register_prompts,
+    with_captions,
+)
+from nearfar.data.shapes import load_shapes, predefined_split  # noqa: E402
+
+__all__ += ["load_mnist5k_captions", "load_shapes", "predefined_split", "prompt_templates",
+            "register_prompts", "with_captions"]

@@ -10,3 +10,9 @@ from nearfar.evaluate.linear_probe import linear_probe
 from nearfar.evaluate.result import Result
 
 __all__ = ["Result", "embed_dataset", "knn_accuracy", "knn_predict", "linear_probe"]
+
+# image-text protocols (issue 4): zero-shot classification, cross-modal retrieval
+from nearfar.evaluate.retrieval import image_text_retrieval, retrieval_metrics  # noqa: E402
+from nearfar.evaluate.zero_shot import zero_shot_accuracy  # noqa: E402
+
+__all__ += ["image_text_retrieval", "retrieval_metrics", "zero_shot_accuracy"]

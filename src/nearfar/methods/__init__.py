@@ -30,3 +30,8 @@ __all__ += ["BYOL", "DINO", "BarlowTwins", "MoCoV2", "MoCoV3", "SimSiam", "SupCo
 from nearfar.methods.cpc import CPC  # noqa: E402
 
 __all__ += ["CPC"]
+
+# CLIP / SigLIP image-text (issue 4); registers "clip"
+from nearfar.methods.clip import CLIP  # noqa: E402
+
+__all__ += ["CLIP"]

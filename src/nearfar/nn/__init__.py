@@ -26,3 +26,15 @@ from nearfar.nn.sequence import (  # noqa: E402
 )
 
 __all__ += ["ContextGRU", "Conv1dChunks", "Conv1dEncoder", "PatchChunks", "SequenceEncoder"]
+
+# text for image-text methods (issue 4): tokenizers and a small text transformer
+from nearfar.nn.text import (  # noqa: E402
+    CharTokenizer,
+    TextTransformer,
+    WordTokenizer,
+    build_tokenizer,
+    tokenizer_from_state,
+)
+
+__all__ += ["CharTokenizer", "TextTransformer", "WordTokenizer", "build_tokenizer",
+            "tokenizer_from_state"]
