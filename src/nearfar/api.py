@@ -103,6 +103,9 @@ def load_source(data: dict[str, Any]) -> ImageDataset:
 
 def split_source(ds: ImageDataset, data: dict[str, Any], seed: int
                  ) -> tuple[ImageDataset, ImageDataset]:
+    if "split" in ds.meta:  # a dataset with its own fixed split (shapes: held-out combinations)
+        from nearfar.data import predefined_split
+        return predefined_split(ds)
     test_size = data["test_size"]
     test_size = int(test_size) if test_size >= 1 else float(test_size)
     return train_test_split(ds, test_size=test_size, seed=seed)
@@ -178,6 +181,27 @@ def evaluate_embeddings(train_emb: Tensor, train_labels: Tensor | None, test_emb
     return results
 
 
+def evaluate_image_text(method, test_ds: ImageDataset, test_emb: Tensor) -> list[dict]:
+    """For an image-text method on captioned data: image <-> caption retrieval (captions of
+    one ``caption_group`` are all relevant) and zero-shot classification with the
+    dataset's prompt templates. Nothing for other methods or uncaptioned data."""
+    captions = test_ds.meta.get("caption")
+    if getattr(method, "modality", None) != "image-text" or captions is None:
+        return []
+    from nearfar.data.captions import prompt_templates
+    from nearfar.evaluate import image_text_retrieval, zero_shot_accuracy
+
+    groups = test_ds.meta.get("caption_group")
+    text_emb = method.encode_text(captions)
+    found = image_text_retrieval(test_emb, text_emb, image_groups=groups, text_groups=groups)
+    results = [r.to_dict() for r in found.values()]
+    if test_ds.labels is not None and test_ds.num_classes >= 2:
+        results.append(zero_shot_accuracy(test_emb, test_ds.labels, test_ds.classes,
+                                          prompt_templates(test_ds.name),
+                                          method.encode_text).to_dict())
+    return results
+
+
 def _run_dir_for(values: dict[str, Any]) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{values['name']}-{stamp}"
@@ -236,6 +260,7 @@ def train(recipe: Recipe | dict | str | os.PathLike | None = None, *,
     test_emb = _embed_method(method, test_ds.images, device)
     results = evaluate_embeddings(train_emb, train_ds.labels, test_emb, test_ds.labels,
                                   values["eval"])
+    results += evaluate_image_text(method, test_ds, test_emb)
     atomic_write_json(run_dir / EVAL_FILE, {"fit": fit.to_dict(), "results": results})
     card = make_card(run_dir, method, values, dataset, train_ds, test_ds, results, rec.source)
     return RunResult(run_dir=run_dir, fit=fit.to_dict(), results=results, card=card)
@@ -389,7 +414,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: dict[str, Any] | None = No
     train_emb = _embed_method(enc.method, train_ds.images, enc.device)
     test_emb = _embed_method(enc.method, test_ds.images, enc.device)
     return evaluate_embeddings(train_emb, train_ds.labels, test_emb, test_ds.labels,
-                               values["eval"])
+                               values["eval"]) + evaluate_image_text(enc.method, test_ds,
+                                                                     test_emb)
 
 
 def card_markdown(run_dir: str | os.PathLike) -> str:

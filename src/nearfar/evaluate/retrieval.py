@@ -152,6 +152,7 @@ def retrieval_metrics(queries, items, *, relevance=None, query_groups=None, item
     protocol = {
         "name": "retrieval", "direction": direction, "similarity": "cosine",
         "relevance": how, "n_queries": n, "n_items": len(m),
+        "n_train": 0, "n_test": n,                         # no training data is used
         "queries_without_relevant": int(len(q) - n),
         "mean_relevant_per_query": round(float(per_query.mean()), 3),
         "ties": "an irrelevant item scoring as high as the best relevant one ranks first",

@@ -127,6 +127,7 @@ def zero_shot_accuracy(image_emb, labels, class_names: Sequence[str],
         "classes": class_names,
         "similarity": "cosine",
         "n_images": int(images.shape[0]),
+        "n_train": 0, "n_test": int(images.shape[0]),      # no training data is used
         "chance": round(1.0 / len(class_names), 6),
         "per_template_accuracy": per_template,
     }

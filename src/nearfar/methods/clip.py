@@ -233,9 +233,9 @@ class CLIP(Method):
                         "binary problem (diagonal +1, others -1); cosine similarity",
                 "reference": "Zhai et al., 2023",
                 "logit_scale": {"learnable": True, "initial_scale": self.siglip_init[0],
-                                "current_scale": float(self.siglip.logit_scale.exp())},
+                                "current_scale": float(self.siglip.logit_scale.detach().exp())},
                 "logit_bias": {"learnable": True, "initial": self.siglip_init[1],
-                               "current": float(self.siglip.logit_bias)},
+                               "current": float(self.siglip.logit_bias.detach())},
             }
         objective["embed_dim"] = self.encoder.out_dim
         objective["head_downstream"] = "kept (embeddings are the joint image-text space)"
