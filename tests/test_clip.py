@@ -195,6 +195,10 @@ def test_api_uses_the_fixed_split_and_adds_image_text_results(shapes):
     results = evaluate_image_text(method, test, test_emb)
     metrics = [r["metric"] for r in results]
     assert "image_to_text_recall@5" in metrics and "text_to_image_mrr" in metrics
+    distinct = len(set(test.meta["caption"]))
+    recall = next(r for r in results if r["metric"] == "image_to_text_recall@5")
+    assert recall["protocol"]["n_items"] == distinct          # the caption pool is deduplicated
+    assert recall["protocol"]["texts"] == f"the {distinct} distinct captions of the test split"
     zs = next(r for r in results if r["metric"] == "zero_shot_accuracy")
     assert zs["protocol"]["templates"] == list(PROMPTS) and zs["protocol"]["n_test"] == 32
     # an image-only method or data without captions: nothing added

@@ -191,9 +191,20 @@ def evaluate_image_text(method, test_ds: ImageDataset, test_emb: Tensor) -> list
     from nearfar.data.captions import prompt_templates
     from nearfar.evaluate import image_text_retrieval, zero_shot_accuracy
 
-    groups = test_ds.meta.get("caption_group")
-    text_emb = method.encode_text(captions)
-    found = image_text_retrieval(test_emb, text_emb, image_groups=groups, text_groups=groups)
+    groups = test_ds.meta.get("caption_group") or list(range(len(captions)))
+    # the caption pool is the distinct test captions (template captions repeat, and copies
+    # of one wrong caption would otherwise fill the top k)
+    first: dict[str, int] = {}
+    for i, c in enumerate(captions):
+        first.setdefault(c, i)
+    if any(groups[first[c]] != g for c, g in zip(captions, groups)):
+        first = {f"{i}": i for i in range(len(captions))}   # one text, several groups: keep all
+    texts = [captions[i] for i in first.values()]
+    text_emb = method.encode_text(texts)
+    found = image_text_retrieval(test_emb, text_emb, image_groups=groups,
+                                 text_groups=[groups[i] for i in first.values()])
+    for r in found.values():
+        r.protocol["texts"] = f"the {len(texts)} distinct captions of the test split"
     results = [r.to_dict() for r in found.values()]
     if test_ds.labels is not None and test_ds.num_classes >= 2:
         results.append(zero_shot_accuracy(test_emb, test_ds.labels, test_ds.classes,
