@@ -157,7 +157,12 @@ def test_describe_fills_the_card(shapes, loss):
     assert tok["kind"] == "word" and tok["state"]["words"] == method.tokenizer.words
     card = build_card(method=d, encoder={"architecture": "small_cnn", "embedding_dim": 32},
                       dataset={"name": "shapes"}, evaluation={"protocol": "x", "results": []})
-    assert "positives" not in missing_fields(card) and "negatives" not in missing_fields(card)
+    method_fields = [f for f in missing_fields(card)
+                     if f.split(".")[0] in ("objective", "positive_construction",
+                                            "negative_construction", "modality")]
+    assert method_fields == []
+    assert d["positives"]["views"] == ["none (the image as given)"]
+    assert d["encoder"]["out_dim"] == 32 and d["encoder"]["backbone_out_dim"] == 64
 
 
 @pytest.mark.parametrize("name", RECIPES)

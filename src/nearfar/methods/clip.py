@@ -237,13 +237,16 @@ class CLIP(Method):
                 "logit_bias": {"learnable": True, "initial": self.siglip_init[1],
                                "current": float(self.siglip.logit_bias.detach())},
             }
+        scale = float(self.logit_scale().detach()) if self.loss_name == "clip" else \
+            float(self.siglip.logit_scale.detach().exp())
+        objective["temperature"] = {"learned": True, "current": 1.0 / scale}
         objective["embed_dim"] = self.encoder.out_dim
         objective["head_downstream"] = "kept (embeddings are the joint image-text space)"
         text = self.text_encoder.backbone
-        views = None
+        views: Any = ["none (the image as given)"]
         if self.augment:
             describe = getattr(self.views, "describe", None)
-            views = describe() if callable(describe) else type(self.views).__name__
+            views = describe() if callable(describe) else [type(self.views).__name__]
         return {
             "method": "clip" if self.loss_name == "clip" else "clip (siglip loss)",
             "reference": "Radford et al., 2021" + ("" if self.loss_name == "clip"
@@ -251,7 +254,7 @@ class CLIP(Method):
             "objective": objective,
             "positives": {
                 "construction": "an image and its caption",
-                "image_views": views if views is not None else "none (the image as given)",
+                "views": views,
             },
             "negatives": {
                 "source": "in-batch",
@@ -264,7 +267,8 @@ class CLIP(Method):
             "modality": self.modality,
             "encoder": {
                 "class": type(self.encoder.backbone).__name__,
-                "out_dim": int(self.encoder.backbone.out_dim),
+                "out_dim": self.encoder.out_dim,
+                "backbone_out_dim": int(self.encoder.backbone.out_dim),
                 "projection": f"linear {self.encoder.backbone.out_dim} -> "
                               f"{self.encoder.out_dim}",
                 "parameters": parameter_count(self.encoder),
