@@ -36,7 +36,7 @@ def _print_results(results: list[dict]) -> None:
     for r in results:
         p = r.get("protocol", {})
         extra = f" (k={p['k']}, T={p['temperature']})" if p.get("name") == "knn" else ""
-        print(f"  {r['metric']:<20} {r['value']:.4f}{extra}  "
+        print(f"  {r['metric']:<26} {r['value']:.4f}{extra}  "
               f"[{p.get('n_train')} train / {p.get('n_test')} test]")
 
 
