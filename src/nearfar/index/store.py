@@ -26,7 +26,10 @@ Erasure: a deletion always writes a new snapshot without the deleted vectors and
 metadata and removes the write-ahead log and the old generation, so no file left in
 the directory holds them (HNSW cannot remove a node, so the deleted node's stored
 vector is overwritten with zeros and the node is excluded from every search; the
-graph is rebuilt without such nodes once they pass ``rebuild_fraction`` of the index).
+graph is rebuilt without such nodes once they pass ``rebuild_fraction`` of the index;
+until then the graph's links still record which items the deleted node was near). IVF
+centroids are k-means means of the vectors the index was built with (``nlist`` is at
+most n / 39) and are not retrained on deletion; rebuild the index to retrain them.
 
 The index hash is an incremental multiset hash (the sum modulo 2**256 of each item's
 sha256 over id, metadata and vector, bound to the encoder hash): equal contents give
