@@ -226,3 +226,25 @@ def test_cpc_on_mnist_strips_learns_the_task():
     assert loss_before > 4.1 and loss_after < loss_before - 0.4, (loss_before, loss_after)
     assert accuracy > 0.06, accuracy
     assert F.normalize(m.embed(held[:4]), dim=1).shape == (4, 32)
+
+
+def test_signals_recipe_end_to_end(tmp_path):
+    """`nearfar train` on signals: the api builds the (C, L) encoder from the data, trains,
+    evaluates, writes a card; `load` embeds (N, C, L) signals and one (C, L) signal."""
+    from nearfar import api
+
+    run = api.train("cpc_signals", run_dir=tmp_path / "run", progress=False, overrides=[
+        "encoder.widths=[8, 8]", "encoder.strides=[8, 4]", "method.context_dim=16",
+        "trainer.steps=2", "trainer.batch_size=16", "trainer.checkpoint_every=0",
+        "eval.probe_epochs=5"])
+    assert {r["metric"] for r in run.results} == {"knn_top1", "linear_probe_top1"}
+    card = run.card
+    assert card["dataset"]["name"] == "signals" and card["modality"] == "time series"
+    enc = api.load(tmp_path / "run", device="cpu")
+    assert enc.image_shape == (1, 512)
+    signals = load_signals(n=8, length=512, seed=5).images
+    z = enc.embed(signals)
+    assert z.shape == (8, 16) and torch.allclose(z.norm(dim=1), torch.ones(8), atol=1e-5)
+    assert enc.embed(signals[0]).shape == (1, 16)
+    with pytest.raises(ValueError, match=r"\(N, 1, 512\)"):
+        enc.embed(torch.zeros(2, 1, 28, 28))
