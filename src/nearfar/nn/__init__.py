@@ -38,3 +38,11 @@ from nearfar.nn.text import (  # noqa: E402
 
 __all__ += ["CharTokenizer", "TextTransformer", "WordTokenizer", "build_tokenizer",
             "tokenizer_from_state"]
+
+# shared parts of momentum, queue and self-distillation methods (issue 4)
+from nearfar.nn.momentum import EMA, cosine_momentum  # noqa: E402
+from nearfar.nn.predictor import PredictionHead  # noqa: E402
+from nearfar.nn.prototypes import DinoHead  # noqa: E402
+from nearfar.nn.queue import Queue  # noqa: E402
+
+__all__ += ["EMA", "DinoHead", "PredictionHead", "Queue", "cosine_momentum"]
