@@ -108,7 +108,7 @@ def run_lightly(budget: float, overrides: list[str], train, test) -> dict | None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     for _ in range(3):
         step()
@@ -134,7 +134,7 @@ def run_lightly(budget: float, overrides: list[str], train, test) -> dict | None
                         for i in range(0, len(test), 512)])
     return {"knn": float(knn_accuracy(tr, train.labels, te, test.labels, k=20,
                                       temperature=0.07)),
-            "probe": float(linear_probe(tr, train.labels, te, test.labels)),
+            "probe": float(linear_probe(tr, train.labels, te, test.labels)["value"]),
             "images_per_s": n * bs / train_s, "steps": n, "train_s": train_s}
 
 

@@ -42,7 +42,8 @@ from nearfar.index.auditlog import AuditLog  # noqa: E402
 SHA = "a" * 64
 OTHER = "b" * 64
 DIM = 16
-TINY = ["trainer.steps=3", "trainer.batch_size=32", "trainer.progress=false",
+TINY = ["trainer.steps=3", "encoder.widths=[16, 32, 64, 128]", "trainer.batch_size=32",
+        "trainer.progress=false",
         'trainer.precision="fp32"', "trainer.channels_last=false", "eval.probe_epochs=2",
         "data.test_size=200"]
 

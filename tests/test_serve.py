@@ -30,7 +30,8 @@ from nearfar.index import EncoderMismatchError, VectorIndex, build_index, weight
 from nearfar.serve import KeyStore  # noqa: E402
 from nearfar.serve.server import BackgroundServer, open_service  # noqa: E402
 
-TINY = ["trainer.steps=3", "trainer.batch_size=32", "trainer.progress=false",
+TINY = ["trainer.steps=3", "encoder.widths=[16, 32, 64, 128]", "trainer.batch_size=32",
+        "trainer.progress=false",
         'trainer.precision="fp32"', "trainer.channels_last=false", "eval.probe_epochs=2",
         "data.test_size=200"]
 

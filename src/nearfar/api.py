@@ -29,7 +29,6 @@ from nearfar.card import (
     encoder_section,
     read_card,
     render_markdown,
-    sha256_file,
     write_card,
 )
 from nearfar.data import (
@@ -39,11 +38,12 @@ from nearfar.data import (
     load_manifest,
     train_test_split,
 )
+from nearfar.durable import atomic_write_json
 from nearfar.evaluate import embed_dataset, knn_accuracy, linear_probe
 from nearfar.methods import build_method
 from nearfar.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from nearfar.train import TrainConfig, Trainer, seed_everything
-from nearfar.train.checkpoint import CheckpointError, atomic_write_json, load_weights
+from nearfar.train.checkpoint import CheckpointError, load_weights
 from nearfar.train.trainer import resolve_device
 from nearfar.views import build_two_views, default_mnist_views
 from nearfar.views.temporal import temporal_signal_pairs
@@ -433,4 +433,4 @@ def card_markdown(run_dir: str | os.PathLike) -> str:
     return render_markdown(read_card(run_dir))
 
 
-__all__ = ["Encoder", "RunError", "RunResult", "evaluate_run", "load", "train", "sha256_file"]
+__all__ = ["Encoder", "RunError", "RunResult", "evaluate_run", "load", "train"]

@@ -26,17 +26,17 @@ Nothing here imports torch: a card can be read and checked anywhere.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from nearfar.durable import atomic_write, sha256_file
 
 CARD_VERSION = 1
 CARD_JSON = "card.json"
@@ -116,18 +116,6 @@ class CardNotFoundError(CardError, FileNotFoundError):
 
 
 # ------------------------------------------------------------------ hashing and versions
-
-def sha256_file(path: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (weights files can be large)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: expected a file to hash, found none")
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while block := f.read(chunk_size):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _version(package: str) -> str:
     try:
@@ -338,22 +326,6 @@ def missing_fields(card: Mapping[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------ files
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_card(run_dir: str | os.PathLike, card: Mapping[str, Any]) -> Path:
     """Write ``card.json`` and ``card.md`` into ``run_dir`` (created if needed).
 
@@ -370,8 +342,8 @@ def write_card(run_dir: str | os.PathLike, card: Mapping[str, Any]) -> Path:
     text = json.dumps(plain, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
     markdown = render_markdown(plain)
     run.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run / CARD_JSON, text)
-    _atomic_write(run / CARD_MD, markdown)
+    atomic_write(run / CARD_JSON, text.encode("utf-8"))
+    atomic_write(run / CARD_MD, markdown.encode("utf-8"))
     return run / CARD_JSON
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nearfar.index.files import append_line, canonical_json, read_lines, sha256_bytes
+from nearfar.durable import append_line, canonical_json, read_lines, sha256_bytes
 
 GENESIS = "0" * 64
 #: beyond this many ids an entry records a digest of the hashed ids instead of the list

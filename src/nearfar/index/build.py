@@ -52,7 +52,7 @@ class BoundEncoder:
 
 
 def weights_sha256(run_dir: str | os.PathLike) -> str:
-    from nearfar.card import sha256_file
+    from nearfar.durable import sha256_file
 
     path = Path(run_dir) / WEIGHTS
     if not path.is_file():

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from nearfar.index.files import canonical_json
+from nearfar.durable import canonical_json
 
 _SCALARS = (str, int, float, bool, type(None))
 

@@ -52,8 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from nearfar.index.auditlog import GENESIS, AuditLog, utc_now, verify_log
-from nearfar.index.files import (
+from nearfar.durable import (
     TMP_MARK,
     append_line,
     atomic_write,
@@ -65,6 +64,7 @@ from nearfar.index.files import (
     sha256_file,
     truncate_to,
 )
+from nearfar.index.auditlog import GENESIS, AuditLog, utc_now, verify_log
 from nearfar.index.filters import normalise_where, value_key
 
 try:  # POSIX advisory locks; elsewhere the single-writer rule is not enforced

@@ -20,7 +20,6 @@ tensors and plain data and is read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
+
+from nearfar.durable import atomic_write, atomic_write_json, fsync_dir, sha256_file, write_synced
 
 INDEX = "checkpoint.json"
 WEIGHTS = "weights.safetensors"
@@ -45,47 +46,6 @@ class CheckpointError(RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_bytes(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _file_record(path: Path) -> dict[str, Any]:
@@ -189,17 +149,17 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _write_bytes(tmp / WEIGHTS, weights_bytes(weights, metadata))
+    write_synced(tmp / WEIGHTS, weights_bytes(weights, metadata))
     buf = io.BytesIO()
     torch.save(trainer_state, buf)
-    _write_bytes(tmp / STATE, buf.getvalue())
+    write_synced(tmp / STATE, buf.getvalue())
     files = {WEIGHTS: _file_record(tmp / WEIGHTS), STATE: _file_record(tmp / STATE)}
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         # never destroy an existing checkpoint (it may be evidence of a problem): set aside
         final.rename(run_dir / f"{name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(tmp, final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
 
     index = read_index(run_dir) or {"format": FORMAT, "checkpoints": []}
     old = [e for e in index["checkpoints"] if e["dir"] != name]
@@ -226,7 +186,7 @@ def export_weights(run_dir: Path, weights: dict[str, torch.Tensor], step: int,
     """Write ``run_dir/weights.safetensors`` atomically and record it in the index."""
     run_dir = Path(run_dir)
     path = run_dir / WEIGHTS
-    atomic_write_bytes(path, weights_bytes(weights, metadata))
+    atomic_write(path, weights_bytes(weights, metadata))
     index = read_index(run_dir) or {"format": FORMAT, "checkpoints": [], "latest": None}
     index["weights"] = {"path": WEIGHTS, "step": step, **_file_record(path)}
     atomic_write_json(run_dir / INDEX, index)

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nearfar.durable import atomic_write
 from nearfar.train.checkpoint import (
     CheckpointError,
-    atomic_write_bytes,
     atomic_write_json,
     export_weights,
     load_checkpoint,
@@ -353,9 +353,9 @@ class Trainer:
                             kept.append(line)
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a torn last line
-            atomic_write_bytes(metrics, "".join(x + "\n" for x in kept).encode())
+            atomic_write(metrics, "".join(x + "\n" for x in kept).encode())
         else:
-            atomic_write_bytes(metrics, b"")
+            atomic_write(metrics, b"")
             info: dict[str, Any] = {
                 "config": self.config.to_dict(),
                 "total_steps": self.total_steps,

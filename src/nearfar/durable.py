@@ -1,6 +1,7 @@
-"""Durable writes for an index directory: temp file + fsync + ``os.replace``; fsynced appends.
+"""Durable files, shared by checkpoints, cards and indexes: temp file + fsync +
+``os.replace``; fsynced appends; content hashes.
 
-A reader never sees a half-written snapshot file: each is written under a temporary
+A reader never sees a half-written file: each is written under a temporary
 name in the same directory, flushed to disk, and renamed into place; the directory is
 fsynced after the rename so the new name itself survives a power cut.
 """
@@ -27,10 +28,14 @@ def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | os.PathLike, *, chunk_size: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (weights files can be large)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: expected a file to hash, found none")
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
+    with open(p, "rb") as f:
+        while block := f.read(chunk_size):
             h.update(block)
     return h.hexdigest()
 
@@ -68,6 +73,15 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview, *,
     if sync_dir:
         fsync_dir(path.parent)
     return {"bytes": len(data), "sha256": sha256_bytes(data)}
+
+
+def write_synced(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write ``path`` (not atomically) and fsync it: for files inside a directory that is
+    itself renamed into place afterwards."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: str | os.PathLike, value: Any) -> dict[str, Any]:
