@@ -7,11 +7,12 @@ order (a rising and a falling chirp share one spectrum). Every item gets its own
 frequency (within its class's band), phase / time shift, amplitude, DC offset and strong
 additive Gaussian noise, so the raw samples of two items of one class are not aligned.
 
-How hard it is (``load_signals(n=2000)``, 1,400 train / 600 test split with seed 0,
-linear probe; chance 12.5%): raw samples 15%, log magnitude spectrum 57%, a randomly
-initialised CPC encoder (conv chunks 32 wide + GRU 64, context mean) 72%, the same
-trained with CPC for 300 steps of 64 signals 85%. Random features sit well below what
-learning reaches, so the data tell a method that learns from one that does not.
+How hard it is (the default 4,000 signals, 3,000 train / 1,000 test split with seed 0 as
+in the recipes; linear probe, chance 12.5%): raw samples 14%, log magnitude spectrum 61%;
+randomly initialised encoders 78% (1-D conv, time-averaged) and 84% (conv chunks + GRU);
+after 600 steps of the packaged recipes 91% (temporal_signals: SimCLR on adjacent
+windows) and 96% (cpc_signals). Random features sit well below what learning reaches,
+so the data tell a method that learns from one that does not.
 
 The data are a pure function of ``(n, length, seed)``: the same arguments give the same
 bytes (and the same ``sha256()``) on every machine.
