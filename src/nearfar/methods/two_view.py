@@ -112,7 +112,7 @@ class TwoViewMethod(Method):
     def draw_views(self, batch: dict[str, Any], generator: torch.Generator | None
                    ) -> tuple[Tensor, Tensor, Tensor]:
         """The checked images and their two views (no gradient through the views)."""
-        x = check_batch(batch)
+        x = check_batch(batch, ndim=getattr(self.views, "input_ndim", 4))
         g = generator if generator is not None else self._generator(x.device)
         # views in fp32 even under autocast: bf16 resampling is slower on CPUs and coarser
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
