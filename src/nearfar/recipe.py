@@ -43,7 +43,7 @@ SCHEMA: dict[str, Any] = {
         "strict": (bool, False),
     },
     "views": {
-        "preset": (str, "mnist"),          # used when `ops` is empty
+        "preset": (str, "mnist"),          # mnist | temporal | none; used when `ops` is empty
         "ops": (list, []),                 # [{name = "...", ...}, ...]
     },
     "encoder": "open",                     # name = "small_cnn" + constructor keywords
