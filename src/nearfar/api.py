@@ -256,6 +256,7 @@ def train(recipe: Recipe | dict | str | os.PathLike | None = None, *,
         if saved.exists() and recipe is None and not overrides:
             values, _ = _read_recipe(run_dir)
             rec = recipe_from_dict(values)
+    resolve_device(values["device"])  # a bad device fails before anything is loaded or written
     seed_everything(values["seed"])
     dataset = load_source(values["data"])
     train_ds, test_ds = split_source(dataset, values["data"], values["seed"])

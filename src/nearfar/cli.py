@@ -43,7 +43,8 @@ def _print_results(results: list[dict]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from nearfar.api import train
 
-    run = train(args.recipe, overrides=args.set, run_dir=args.run_dir, resume=args.resume,
+    overrides = list(args.set) + ([f'device="{args.device}"'] if args.device else [])
+    run = train(args.recipe, overrides=overrides, run_dir=args.run_dir, resume=args.resume,
                 progress=False if args.no_progress else None)
     fit = run.fit
     print(f"trained {fit['step']} steps in {fit['train_time_s']:.1f} s "
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its latest checkpoint, exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None,
+                   help="auto | cpu | cuda | cuda:N (default: the recipe's; auto: CUDA if any)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run on frozen features",
