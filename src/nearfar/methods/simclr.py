@@ -9,29 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:
-    from nearfar.losses import nt_xent
-except ImportError:  # pragma: no cover - until nearfar.losses re-exports it
-    from nearfar.losses.infonce import nt_xent
-from nearfar.losses import hard_negative_info_nce, info_nce, partner_index
-from nearfar.methods.base import Method, StepOutput, check_batch
+from nearfar.losses import hard_negative_info_nce, info_nce, nt_xent, partner_index
+from nearfar.methods.base import StepOutput
 from nearfar.methods.metrics import false_negative_rate
 from nearfar.methods.registry import register_method
-from nearfar.nn import ProjectionHead, build_encoder, parameter_count
-
-
-def _describe_views(views: Callable) -> Any:
-    describe = getattr(views, "describe", None)
-    if callable(describe):
-        return describe()
-    return {"callable": getattr(views, "__qualname__", type(views).__name__)}
-
+from nearfar.methods.two_view import TwoViewMethod
+from nearfar.nn import ProjectionHead
 
 LOSSES = ("nt_xent", "debiased", "hard_negative")
 
 
 @register_method("simclr")
-class SimCLR(Method):
+class SimCLR(TwoViewMethod):
     """Encoder -> projection head -> NT-Xent between two views of every image.
 
     Args:
@@ -59,8 +48,6 @@ class SimCLR(Method):
     """
 
     name = "simclr"
-    modality = "image"
-    views_per_item = 2
 
     def __init__(self, encoder: nn.Module | str = "small_cnn", views: Callable | None = None, *,
                  temperature: float = 0.5, hidden_dim: int = 512, out_dim: int = 128,
@@ -69,67 +56,29 @@ class SimCLR(Method):
                  tile: int | None = None, loss: str = "nt_xent", tau_plus: float = 0.1,
                  beta: float = 1.0, exclude_same_label: bool = False,
                  exclude_same_group: bool = False) -> None:
-        super().__init__()
+        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
         if loss not in LOSSES:
             raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {loss!r}")
-        self.loss_name, self.tau_plus, self.beta = loss, float(tau_plus), float(beta)
-        self.exclude_same_label = bool(exclude_same_label)
-        self.exclude_same_group = bool(exclude_same_group)
-        if isinstance(encoder, str):
-            encoder = build_encoder(encoder, **dict(encoder_kwargs or {}))
-        elif encoder_kwargs:
-            raise ValueError("encoder_kwargs: only used when encoder is a name, got a module")
-        if not isinstance(encoder, nn.Module):
-            raise ValueError(f"encoder: expected an nn.Module or a name, got "
-                             f"{type(encoder).__name__}")
-        out = getattr(encoder, "out_dim", None)
-        if not isinstance(out, int):
-            raise ValueError(f"encoder: expected an `out_dim` int attribute on "
-                             f"{type(encoder).__name__}, got {out!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not temperature > 0:
             raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
-        if views is None:
-            from nearfar.views import default_mnist_views
-
-            views = default_mnist_views()
-        if not callable(views):
-            raise ValueError(f"views: expected a callable (images, generator) -> images, got "
-                             f"{type(views).__name__}")
-        self.encoder = encoder
-        self.head = ProjectionHead(out, hidden_dim, out_dim, num_layers=num_layers)
-        self.views = views
+        self.loss_name, self.tau_plus, self.beta = loss, float(tau_plus), float(beta)
+        self.exclude_same_label = bool(exclude_same_label)
+        self.exclude_same_group = bool(exclude_same_group)
+        self.head = ProjectionHead(self.feature_dim, hidden_dim, out_dim, num_layers=num_layers)
         self.temperature = float(temperature)
         self.keep_head = bool(keep_head)
-        self.seed = int(seed)
         self.tile = tile
-        self._own_generator: torch.Generator | None = None
 
     def embed(self, x: Tensor) -> Tensor:
-        h = self.encoder(x.contiguous(memory_format=self.memory_format))
+        h = self.encode(x)
         return self.head(h) if self.keep_head else h
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        g = self._own_generator
-        if g is None or g.device != device:
-            g = torch.Generator(device=device).manual_seed(self.seed)
-            self._own_generator = g
-        return g
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
              ) -> StepOutput:
-        x = check_batch(batch, ndim=getattr(self.views, "input_ndim", 4))
-        g = generator if generator is not None else self._generator(x.device)
-        # views in fp32 even under autocast: bf16 resampling is slower on CPUs and coarser
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            out = self.views(x, g)
-            if isinstance(out, (tuple, list)):
-                v1, v2 = out
-            else:
-                v1, v2 = out, self.views(x, g)
-        views = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
+        _, v1, v2 = self.draw_views(batch, generator)
         # one forward over both views: same BatchNorm statistics for both, one big conv
-        z = self.head(self.encoder(views)).float()
+        z = self.head(self.encode(torch.cat([v1, v2]))).float()
         z1, z2 = z.chunk(2)
         exclude = self._exclusion(batch, len(z1), z.device)
         if self.loss_name != "nt_xent":
@@ -192,7 +141,7 @@ class SimCLR(Method):
             },
             "positives": {
                 "construction": "two independent random views of the same image",
-                "views": _describe_views(self.views),
+                "views": self.views_card(),
             },
             "negatives": {
                 "source": "in-batch",
@@ -203,9 +152,5 @@ class SimCLR(Method):
                 + (["same-group items (batch['group'])"] if self.exclude_same_group else []),
             },
             "modality": self.modality,
-            "encoder": {
-                "class": type(self.encoder).__name__,
-                "out_dim": int(self.encoder.out_dim),
-                "parameters": parameter_count(self.encoder),
-            },
+            "encoder": self.encoder_card(),
         }
