@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from nearfar.losses import LogitScale, SigLipParams, clip_loss
 from nearfar.methods.base import Method, StepOutput, check_batch
 from nearfar.methods.registry import register_method
-from nearfar.nn import build_encoder, parameter_count
+from nearfar.nn import parameter_count, resolve_encoder
 from nearfar.nn.text import PAD_ID, TextTransformer, build_tokenizer, texts_to_utf8
 
 LOSSES = ("clip", "siglip")
@@ -98,10 +98,7 @@ class CLIP(Method):
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
                  tile: int | None = None) -> None:
         super().__init__()
-        if isinstance(encoder, str):
-            encoder = build_encoder(encoder, **dict(encoder_kwargs or {}))
-        elif encoder_kwargs:
-            raise ValueError("encoder_kwargs: only used when encoder is a name, got a module")
+        encoder = resolve_encoder(encoder, encoder_kwargs)
         if not isinstance(encoder, nn.Module) or not isinstance(getattr(encoder, "out_dim",
                                                                         None), int):
             raise ValueError(f"encoder: expected an nn.Module with an `out_dim` int attribute "

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from nearfar.losses import info_nce
 from nearfar.methods.base import Method, StepOutput
 from nearfar.methods.registry import register_method
-from nearfar.nn import build_encoder, parameter_count
+from nearfar.nn import parameter_count, resolve_encoder
 from nearfar.nn.sequence import POOLS, SequenceEncoder
 
 NEGATIVES = ("batch", "batch_and_time")
@@ -111,10 +111,7 @@ class CPC(Method):
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
                  tile: int | None = None) -> None:
         super().__init__()
-        if isinstance(encoder, str):
-            encoder = build_encoder(encoder, **dict(encoder_kwargs or {}))
-        elif encoder_kwargs:
-            raise ValueError("encoder_kwargs: only used when encoder is a name, got a module")
+        encoder = resolve_encoder(encoder, encoder_kwargs)
         if not isinstance(encoder, nn.Module) or not getattr(encoder, "sequence_output", False):
             raise ValueError(
                 f"encoder: expected a chunk encoder returning (B, T, D) latents (a module with "

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from nearfar.methods.base import Method, check_batch
-from nearfar.nn import build_encoder, parameter_count
+from nearfar.nn import parameter_count, resolve_encoder
 
 
 def check_number(value: object, name: str, *, low: float | None = None,
@@ -72,13 +72,7 @@ class TwoViewMethod(Method):
     def __init__(self, encoder: nn.Module | str = "small_cnn", views: Callable | None = None,
                  *, encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> None:
         super().__init__()
-        if isinstance(encoder, str):
-            encoder = build_encoder(encoder, **dict(encoder_kwargs or {}))
-        elif encoder_kwargs:
-            raise ValueError("encoder_kwargs: only used when encoder is a name, got a module")
-        if not isinstance(encoder, nn.Module):
-            raise ValueError(f"encoder: expected an nn.Module or a name, got "
-                             f"{type(encoder).__name__}")
+        encoder = resolve_encoder(encoder, encoder_kwargs)
         out = getattr(encoder, "out_dim", None)
         if not isinstance(out, int):
             raise ValueError(f"encoder: expected an `out_dim` int attribute on "

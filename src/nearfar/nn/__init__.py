@@ -2,7 +2,13 @@
 
 from nearfar.nn.encoders import MLP, BasicBlock, ResNet18, SmallCNN
 from nearfar.nn.heads import ProjectionHead
-from nearfar.nn.registry import ENCODERS, build_encoder, parameter_count, register_encoder
+from nearfar.nn.registry import (
+    ENCODERS,
+    build_encoder,
+    parameter_count,
+    register_encoder,
+    resolve_encoder,
+)
 
 __all__ = [
     "ENCODERS",
@@ -14,6 +20,7 @@ __all__ = [
     "build_encoder",
     "parameter_count",
     "register_encoder",
+    "resolve_encoder",
 ]
 
 # sequence encoders for CPC and signals (issue 4); registers conv1d, conv1d_chunks, patch_chunks

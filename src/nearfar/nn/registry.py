@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -38,6 +39,20 @@ def build_encoder(name: str, **kwargs) -> nn.Module:
     except TypeError as exc:
         raise ValueError(f"encoder {name!r}: bad keyword arguments {sorted(kwargs)} ({exc})") \
             from None
+
+
+def resolve_encoder(encoder: nn.Module | str, encoder_kwargs: Mapping[str, Any] | None = None
+                    ) -> nn.Module:
+    """A method's ``encoder`` argument as a module: a registered name is built with
+    ``encoder_kwargs``; a module is taken as is (``encoder_kwargs`` must then be empty)."""
+    if isinstance(encoder, str):
+        return build_encoder(encoder, **dict(encoder_kwargs or {}))
+    if encoder_kwargs:
+        raise ValueError("encoder_kwargs: only used when encoder is a name, got a module")
+    if not isinstance(encoder, nn.Module):
+        raise ValueError(f"encoder: expected an nn.Module or a registered name, got "
+                         f"{type(encoder).__name__}")
+    return encoder
 
 
 def parameter_count(module: nn.Module, *, trainable_only: bool = False) -> int:
