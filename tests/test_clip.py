@@ -45,13 +45,6 @@ from nearfar.train import TrainConfig, Trainer, seed_everything
 RECIPES = ["clip_shapes", "siglip_shapes", "clip_mnist"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def shapes():

@@ -21,13 +21,6 @@ SMALL = dict(encoder_kwargs={"widths": (32, 32), "kernels": (8, 4), "strides": (
              context_dim=64, steps=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def reference_cpc(pred, target, t):
     # van den Oord et al. (2018), eq. 4: at every step, -log of the positive's share

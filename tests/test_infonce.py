@@ -18,17 +18,6 @@ from nearfar.losses import (
     supcon,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these tests run many tiny ops; intra-op threads only add synchronisation (and stall
-    # badly when other processes share the cores)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- references
 # Slow and obvious on purpose: float64, Python loops, one formula per paper.
 

@@ -8,14 +8,6 @@ from nearfar.nn import SmallCNN
 from nearfar.views import build_pipeline
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_simclr(**kw):
     torch.manual_seed(0)
     kw.setdefault("temperature", 0.2)

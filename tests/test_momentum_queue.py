@@ -16,14 +16,6 @@ from nearfar.nn.queue import Queue
 from nearfar.train import TrainConfig, Trainer, load_weights, seed_everything, split_decay_groups
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def images(n=8, size=12, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 1, size, size, generator=g)

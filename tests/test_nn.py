@@ -15,14 +15,6 @@ from nearfar.nn import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("out_dim", [None, 48])
 def test_small_cnn_shapes(out_dim):
     enc = SmallCNN(1, widths=(8, 16), out_dim=out_dim)

@@ -14,15 +14,6 @@ from nearfar.data import (
 from nearfar.evaluate import linear_probe
 from nearfar.views import TemporalPairs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------ the data
 
 def test_signals_are_deterministic_and_seeded():

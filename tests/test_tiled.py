@@ -16,16 +16,6 @@ from nearfar.losses.tiled import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these tests run many tiny ops; intra-op threads only add synchronisation (and stall
-    # badly when other processes share the cores)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def leaves(*shapes, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]

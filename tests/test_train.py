@@ -27,15 +27,6 @@ from nearfar.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2-core machines shared by several processes: one thread avoids OpenMP oversubscription
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits14():
     """MNIST-5k at 14x14 (2x2 average pool): 512 train and 300 held-out, shuffled."""
