@@ -16,3 +16,8 @@ from nearfar.evaluate.retrieval import image_text_retrieval, retrieval_metrics  
 from nearfar.evaluate.zero_shot import zero_shot_accuracy  # noqa: E402
 
 __all__ += ["image_text_retrieval", "retrieval_metrics", "zero_shot_accuracy"]
+
+# hubness (audits): k-occurrence counts and their skewness (Radovanovic et al., 2010)
+from nearfar.evaluate.hubness import hubness, k_occurrence, nearest_neighbours  # noqa: E402
+
+__all__ += ["hubness", "k_occurrence", "nearest_neighbours"]
