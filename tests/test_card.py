@@ -50,6 +50,7 @@ def full_card(tmp_path):
         dataset={"name": "mnist-5k", "version": "1", "source": "bundled with nearfar",
                  "sha256": "ab" * 32, "splits": {"train": 4000, "test": 1000}},
         evaluation={"protocol": "frozen encoder, backbone features", "results": [knn, probe]},
+        benchmark={"name": "mnist-5k held-out split", "metrics": ["knn_top1"]},
         seed=7,
         name="simclr-mnist",
     )
@@ -107,11 +108,13 @@ def test_markdown_mentions_each_section(tmp_path):
     md = render_markdown(card)
     for heading in ("## Objective", "## Positive construction", "## Negative construction",
                     "## Modality", "## Encoder", "## Dataset", "## Evaluation", "## Seed",
-                    "## Software", "## Created", "## Missing fields"):
+                    "## Software", "## Created", "## Benchmark", "## Intended uses",
+                    "## Out-of-scope uses", "## Missing fields"):
         assert heading in md
     for text in ("nt_xent", "random_resized_crop", "in-batch", "image", "SmallCNN",
                  "mnist-5k", "ab" * 32, "knn_top1", "0.9100", "k=20", "temperature=0.07",
                  "linear_probe_top1", "epochs=100", card["encoder"]["weights_sha256"],
+                 "biometric identification", "similarity alone is not evidence",
                  "None: every required field is stated"):
         assert text in md, text
 

@@ -51,6 +51,7 @@ SECTIONS = (
     "encoder",
     "dataset",
     "evaluation",
+    "benchmark",
     "seed",
     "software",
     "created",
@@ -64,10 +65,14 @@ _TITLES = {
     "encoder": "Encoder",
     "dataset": "Dataset",
     "evaluation": "Evaluation",
+    "benchmark": "Benchmark",
     "seed": "Seed",
     "software": "Software",
     "created": "Created",
     "uses": "Uses",
+    "intended_uses": "Intended uses",
+    "out_of_scope_uses": "Out-of-scope uses",
+    "audits": "Audits",
 }
 
 #: the source-discipline fields a complete card states; dotted paths. A field is
@@ -95,6 +100,9 @@ REQUIRED_FIELDS = (
     "dataset.splits",
     "evaluation.protocol",
     "evaluation.results",
+    "benchmark.name",
+    "intended_uses",
+    "out_of_scope_uses",
     "seed",
     "software.python",
     "software.torch",
@@ -105,6 +113,25 @@ REQUIRED_FIELDS = (
 )
 _NON_EMPTY = {"positive_construction.views", "dataset.splits", "evaluation.results"}
 _RESULT_FIELDS = ("metric", "value", "protocol")
+
+#: what every new card lists as intended, unless the recipe's [card] section says otherwise
+DEFAULT_INTENDED_USES = (
+    "research on representation learning: comparing objectives, views and encoders",
+    "nearest-neighbour retrieval, deduplication and clustering of data like the training "
+    "data, with a person reviewing what is acted on",
+)
+#: uses a similarity model must not be put to unless the user declares otherwise
+DEFAULT_OUT_OF_SCOPE_USES = (
+    "biometric identification",
+    "surveillance",
+    "policing",
+    "employment decisions",
+    "credit decisions",
+    "healthcare decisions",
+    "public-benefits decisions",
+)
+#: stated on every card next to its uses
+SIMILARITY_NOTE = "similarity alone is not evidence of identity, intent or eligibility"
 
 
 class CardError(ValueError):
@@ -221,6 +248,10 @@ def build_card(*, method: Mapping[str, Any] | None = None,
                software: Mapping[str, Any] | None = None,
                created: str | None = None,
                name: str | None = None,
+               benchmark: Mapping[str, Any] | None = None,
+               intended_uses: Sequence[str] | None = None,
+               out_of_scope_uses: Sequence[str] | None = None,
+               uses_declared_by: str | None = None,
                uses: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Assemble a card as plain data. Nothing is required here: gaps are left as None
     and named by :func:`missing_fields`, so a partial run can still be recorded.
@@ -244,7 +275,14 @@ def build_card(*, method: Mapping[str, Any] | None = None,
         software: defaults to :func:`software_versions`.
         created: ISO 8601 time; defaults to now (UTC).
         name: a title for the rendered card.
-        uses: optional ``{"intended": [...], "out_of_scope": [...]}``.
+        benchmark: ``{"name": ..., "metrics": [...]}``: what the results are measured on.
+        intended_uses, out_of_scope_uses: lists of strings; each defaults to
+            :data:`DEFAULT_INTENDED_USES` / :data:`DEFAULT_OUT_OF_SCOPE_USES` (biometric
+            identification, surveillance, policing, employment, credit, healthcare and
+            public-benefits decisions). Every card also carries :data:`SIMILARITY_NOTE`.
+        uses_declared_by: who declared the uses (default "nearfar defaults" when both
+            lists are the defaults, else "the caller"; the API passes "recipe").
+        uses: older form ``{"intended": [...], "out_of_scope": [...]}`` of the two lists.
     """
     method = dict(method or {})
     m_encoder = method.get("encoder") or {}
@@ -253,6 +291,17 @@ def build_card(*, method: Mapping[str, Any] | None = None,
         (("class", "architecture"), ("parameters", "parameter_count"), ("out_dim", "embedding_dim"))
         if k1 in m_encoder
     } or None
+
+    if uses is not None:
+        intended_uses = uses.get("intended", intended_uses)
+        out_of_scope_uses = uses.get("out_of_scope", out_of_scope_uses)
+    if uses_declared_by is None:
+        uses_declared_by = ("nearfar defaults" if intended_uses is None
+                            and out_of_scope_uses is None else "the caller")
+    intended_uses = _string_list(DEFAULT_INTENDED_USES if intended_uses is None
+                                 else intended_uses, "intended_uses")
+    out_of_scope_uses = _string_list(DEFAULT_OUT_OF_SCOPE_USES if out_of_scope_uses is None
+                                     else out_of_scope_uses, "out_of_scope_uses")
 
     if isinstance(positive_construction, Sequence) and not isinstance(positive_construction, str):
         positive_construction = {"views": list(positive_construction)}
@@ -270,6 +319,7 @@ def build_card(*, method: Mapping[str, Any] | None = None,
         "encoder": _merge(encoder_from_method, encoder),
         "dataset": None if dataset is None else dict(dataset),
         "evaluation": None if evaluation is None else dict(evaluation),
+        "benchmark": None if benchmark is None else dict(benchmark),
         "seed": seed,
         "software": dict(software) if software is not None else software_versions(),
         "created": created if created is not None else
@@ -278,9 +328,18 @@ def build_card(*, method: Mapping[str, Any] | None = None,
     for key in ("method", "reference"):
         if key in method:
             card.setdefault("method", {})[key] = method[key]
-    if uses is not None:
-        card["uses"] = dict(uses)
+    card["intended_uses"] = intended_uses
+    card["out_of_scope_uses"] = out_of_scope_uses
+    card["uses_note"] = SIMILARITY_NOTE
+    card["uses_declared_by"] = uses_declared_by
     return _plain(card, "card")
+
+
+def _string_list(value: Any, name: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, Sequence) or any(
+            not isinstance(v, str) or not v.strip() for v in value):
+        raise ValueError(f"{name}: expected a list of non-empty strings, got {value!r}")
+    return list(value)
 
 
 # ------------------------------------------------------------------ checking
@@ -322,6 +381,190 @@ def missing_fields(card: Mapping[str, Any]) -> list[str]:
                 if _absent(value, field == "protocol"):
                     missing.append(f"evaluation.results[{i}].{field}")
     return missing
+
+
+# ------------------------------------------------------------------ schema and check
+
+SCHEMA_RESOURCE = "card.schema.json"
+
+
+def card_schema() -> dict[str, Any]:
+    """The JSON Schema of ``card.json`` (shipped as ``nearfar/schemas/card.schema.json``)."""
+    from importlib import resources
+
+    text = resources.files("nearfar.schemas").joinpath(SCHEMA_RESOURCE).read_text("utf-8")
+    return json.loads(text)
+
+
+def _dotted(path: Sequence[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "card"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def schema_errors(card: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(dotted path, message)`` for every place the card breaks the JSON Schema.
+
+    Validated with the ``jsonschema`` package (Draft 2020-12). A missing property is
+    reported at its own path (``encoder.weights_sha256``), not at its parent.
+    """
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(card_schema())
+    out: list[tuple[str, str]] = []
+    for err in sorted(validator.iter_errors(card), key=lambda e: list(map(str, e.absolute_path))):
+        where = list(err.absolute_path)
+        if err.validator == "required":
+            for name in err.validator_value:
+                if isinstance(err.instance, Mapping) and name not in err.instance:
+                    out.append((_dotted([*where, name]), "missing"))
+            continue
+        if err.validator == "anyOf":
+            message = f"expected {_expected(err.validator_value)}, got {_short(err.instance)}"
+        elif err.validator == "pattern" and err.validator_value == "^[0-9a-f]{64}$":
+            message = f"expected a sha256 (64 lowercase hex digits), got {_short(err.instance)}"
+        elif err.validator in ("minLength", "pattern") and err.validator_value in (1, "\\S"):
+            message = f"expected a non-empty string, got {_short(err.instance)}"
+        elif err.validator == "type":
+            message = f"expected {_type_words(err.validator_value)}, got {_short(err.instance)}"
+        else:
+            message = err.message
+        out.append((_dotted(where), message))
+    return out
+
+
+def _type_words(t: Any) -> str:
+    words = {"object": "an object", "array": "a list", "string": "a string",
+             "integer": "an integer", "number": "a number", "boolean": "true/false"}
+    if isinstance(t, list):
+        return " or ".join(words.get(x, x) for x in t)
+    return words.get(t, str(t))
+
+
+def _expected(options: Sequence[Mapping[str, Any]]) -> str:
+    parts = []
+    for o in options:
+        if "$ref" in o:
+            parts.append("a non-empty string")
+        elif "type" in o:
+            parts.append(_type_words(o["type"]) + (" (non-empty)" if "minItems" in o
+                                                   or "minProperties" in o else ""))
+    return " or ".join(dict.fromkeys(parts)) or "another value"
+
+
+def _audit_path(run_dir: Path, recorded: str) -> Path:
+    p = Path(recorded)
+    return p if p.is_absolute() else run_dir / p
+
+
+def audit_problems(card: Mapping[str, Any], run_dir: str | os.PathLike) -> list[str]:
+    """One line per attached audit whose file is missing or whose sha256 has changed."""
+    run = Path(run_dir)
+    run = run.parent if run.suffix == ".json" and not run.is_dir() else run
+    problems = []
+    audits = card.get("audits") or []
+    for i, audit in enumerate(audits if isinstance(audits, list) else []):
+        if not isinstance(audit, Mapping) or not audit.get("path"):
+            continue                                   # the schema check names it
+        path = _audit_path(run, str(audit["path"]))
+        label = f"audits[{i}] ({audit.get('kind', 'audit')})"
+        if not path.is_file():
+            problems.append(f"{label}: {path} is missing; re-run the audit or detach it")
+            continue
+        digest = sha256_file(path)
+        if digest != audit.get("sha256"):
+            problems.append(f"{label}: {path} changed since it was attached (sha256 "
+                            f"{digest[:12]}..., card records {str(audit.get('sha256'))[:12]}...)")
+    return problems
+
+
+def check_card(card: Mapping[str, Any], run_dir: str | os.PathLike | None = None
+               ) -> list[str]:
+    """Every problem with a card, one line each, naming the field: missing
+    source-discipline fields (:func:`missing_fields`), values that break the JSON Schema
+    (:func:`card_schema`), and, given ``run_dir``, attached audits whose file is missing
+    or changed. An empty list means the card passes ``nearfar card check``.
+    """
+    if not isinstance(card, Mapping):
+        raise ValueError(f"card: expected a dict, got {type(card).__name__}")
+    missing = missing_fields(card)
+    problems = [f"{m}: missing" for m in missing]
+    reported = set(missing)
+    for path, message in schema_errors(card):
+        if any(path == m or m.startswith(path + ".") or m.startswith(path + "[")
+               or path.startswith(m + ".") for m in reported):
+            continue
+        reported.add(path)
+        problems.append(f"{path}: {message}")
+    if run_dir is not None:
+        problems += audit_problems(card, run_dir)
+    return problems
+
+
+# ------------------------------------------------------------------ audits
+
+def attach_audit(run_dir: str | os.PathLike, audit_path: str | os.PathLike, *,
+                 kind: str | None = None, summary: Any = None,
+                 created: str | None = None) -> dict[str, Any]:
+    """Attach an audit file to a run's card by its sha256 and re-render ``card.md``.
+
+    The card's ``audits`` list gets ``{"kind", "path", "sha256", "created", "summary"}``;
+    attaching the same path again replaces its entry (a re-run audit). ``nearfar card
+    check`` then verifies that the file is still there with the same hash.
+
+    Args:
+        run_dir: the run directory whose card.json gets the audit.
+        audit_path: the audit's file; stored relative to ``run_dir`` when inside it,
+            else as an absolute path.
+        kind: e.g. "hubness"; default: the file's JSON ``kind`` field, else its stem.
+        summary: plain data shown on the card (a few headline numbers); default: the
+            file's JSON ``summary`` field, if any.
+        created: ISO 8601 time; default now (UTC).
+
+    Returns:
+        The audit entry written to the card.
+    """
+    run = Path(run_dir)
+    card = read_card(run)
+    path = Path(audit_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audit_path: {path} is not a file; write the audit first")
+    content: Any = None
+    if path.suffix == ".json":
+        try:
+            content = json.loads(path.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            content = None
+    if kind is None:
+        kind = content.get("kind") if isinstance(content, dict) else None
+        kind = kind if isinstance(kind, str) and kind.strip() else path.stem
+    if not isinstance(kind, str) or not kind.strip():
+        raise ValueError(f"kind: expected a non-empty string, got {kind!r}")
+    if summary is None and isinstance(content, dict):
+        summary = content.get("summary")
+    try:
+        stored = path.resolve().relative_to(run.resolve()).as_posix()
+    except ValueError:
+        stored = str(path.resolve())
+    entry = _plain({
+        "kind": kind,
+        "path": stored,
+        "sha256": sha256_file(path),
+        "created": created if created is not None else
+        _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "summary": summary,
+    }, "audit")
+    audits = [a for a in (card.get("audits") or [])
+              if not (isinstance(a, Mapping) and a.get("path") == stored)]
+    card["audits"] = [*audits, entry]
+    write_card(run, card)
+    return entry
 
 
 # ------------------------------------------------------------------ files
@@ -448,6 +691,18 @@ def _evaluation(section: Any) -> list[str]:
     return lines
 
 
+def _audits(value: Any) -> list[str]:
+    if not isinstance(value, list) or not value:
+        return ["*no audits attached*"]
+    lines = ["| kind | file | sha256 | created | summary |", "|---|---|---|---|---|"]
+    for a in value:
+        a = a if isinstance(a, Mapping) else {}
+        lines.append(f"| {_cell(a.get('kind'))} | `{_cell(a.get('path'))}` | "
+                     f"`{_cell(a.get('sha256'))}` | {_cell(a.get('created'))} | "
+                     f"{_cell(a.get('summary'))} |")
+    return lines
+
+
 def render_markdown(card: Mapping[str, Any]) -> str:
     """The card as a human-readable Markdown page, one heading per section, ending with
     the list of missing source-discipline fields (if any)."""
@@ -457,16 +712,23 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     lines = [f"# Card: {title}", ""]
     if card.get("method"):
         lines += [f"Method: {_inline(card['method'])}.", ""]
-    for section in SECTIONS + ("uses",):
-        if section == "uses" and "uses" not in card:
+    for section in SECTIONS + ("intended_uses", "out_of_scope_uses", "audits", "uses"):
+        if section in ("uses", "audits") and section not in card:
             continue
         lines.append(f"## {_TITLES[section]}")
         lines.append("")
         value = card.get(section)
         if section == "evaluation":
             lines.extend(_evaluation(value))
+        elif section == "audits":
+            lines.extend(_audits(value))
         else:
             lines.extend(_bullets(value))
+        if section == "out_of_scope_uses":
+            if card.get("uses_note"):
+                lines += ["", f"Note: {card['uses_note']}."]
+            if card.get("uses_declared_by"):
+                lines += ["", f"Uses declared by: {card['uses_declared_by']}."]
         lines.append("")
     missing = missing_fields(card)
     lines.append("## Missing fields")
@@ -479,3 +741,136 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         lines.append("None: every required field is stated.")
     lines.append("")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ Hugging Face export
+
+#: Hugging Face task type of the classification protocols on image data
+_CLASSIFICATION = ("knn", "linear_probe")
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        if "e" in text and "." not in text:      # YAML 1.1 floats need a dot: 1e-05 -> 1.0e-05
+            text = text.replace("e", ".0e", 1)
+        return text
+    return json.dumps(str(value), ensure_ascii=False)   # a JSON string is a YAML scalar
+
+
+def to_yaml(value: Any, indent: int = 0) -> list[str]:
+    """Plain data (dicts, lists, str, numbers, bool, None) as block-style YAML lines;
+    every string is double-quoted, so no value is read back as another type."""
+    pad = "  " * indent
+    if isinstance(value, Mapping):
+        if not value:
+            return [pad + "{}"]
+        lines = []
+        for k, v in value.items():
+            key = _yaml_scalar(str(k)) if not str(k).replace("-", "").replace(
+                "_", "").isalnum() else str(k)
+            if isinstance(v, (Mapping, list)) and v:
+                lines.append(f"{pad}{key}:")
+                lines.extend(to_yaml(v, indent + 1))
+            else:
+                lines.append(f"{pad}{key}: {to_yaml(v)[0].strip()}")
+        return lines
+    if isinstance(value, list):
+        if not value:
+            return [pad + "[]"]
+        lines = []
+        for v in value:
+            inner = to_yaml(v, indent + 1)
+            lines.append(f"{pad}- {inner[0].strip()}")
+            lines.extend(inner[1:])
+        return lines
+    return [pad + _yaml_scalar(value)]
+
+
+def _protocol_words(protocol: Any) -> str:
+    if not isinstance(protocol, Mapping):
+        return str(protocol)
+    rest = ", ".join(f"{k}={_inline(v, True)}" for k, v in protocol.items() if k != "name")
+    return f"{protocol.get('name', 'protocol')}: {rest}" if rest else str(protocol.get("name"))
+
+
+def huggingface_metadata(card: Mapping[str, Any]) -> dict[str, Any]:
+    """The YAML front matter of a Hugging Face model card, as plain data.
+
+    ``model-index`` has one entry per evaluation protocol (grouped by the protocol's
+    ``name``); each metric's ``name`` states its protocol in full, so no number leaves
+    without the way it was measured.
+    """
+    dataset = card.get("dataset") if isinstance(card.get("dataset"), Mapping) else {}
+    modality = str(card.get("modality") or "")
+    method = card.get("method") if isinstance(card.get("method"), Mapping) else {}
+    objective = card.get("objective") if isinstance(card.get("objective"), Mapping) else {}
+    tags = ["nearfar", "contrastive-learning", "representation-learning"]
+    for extra in (method.get("method"), objective.get("loss"), modality or None):
+        if isinstance(extra, str) and extra and extra not in tags:
+            tags.append(extra)
+    meta: dict[str, Any] = {"library_name": "nearfar", "tags": tags}
+    license_ = card.get("license") or dataset.get("license")
+    if isinstance(license_, str) and license_.strip():
+        meta["license"] = license_
+    dataset_name = str(dataset.get("name") or "unknown")
+    if dataset.get("name"):
+        meta["datasets"] = [dataset_name]
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    results = (card.get("evaluation") or {}).get("results") if isinstance(
+        card.get("evaluation"), Mapping) else None
+    for r in results if isinstance(results, list) else []:
+        if not isinstance(r, Mapping) or not isinstance(r.get("value"), (int, float)):
+            continue
+        protocol = r.get("protocol") if isinstance(r.get("protocol"), Mapping) else {}
+        groups.setdefault(str(protocol.get("name") or "unstated protocol"), []).append(r)
+    entries = []
+    for protocol_name, rs in groups.items():
+        if protocol_name in _CLASSIFICATION:
+            task = "image-classification" if "image" in modality else "feature-extraction"
+        elif protocol_name.startswith("zero-shot"):
+            task = "zero-shot-image-classification"
+        else:
+            task = "feature-extraction"
+        benchmark = card.get("benchmark") if isinstance(card.get("benchmark"), Mapping) else {}
+        entries.append({
+            "task": {"type": task, "name": protocol_name},
+            "dataset": {"name": str(benchmark.get("name") or dataset_name),
+                        "type": dataset_name, "split": "test"},
+            "metrics": [{"type": str(r.get("metric")), "value": float(r["value"]),
+                         "name": f"{r.get('metric')} ({_protocol_words(r.get('protocol'))})"}
+                        for r in rs],
+        })
+    meta["model-index"] = [{"name": str(card.get("name") or "nearfar encoder"),
+                            "results": entries}]
+    return meta
+
+
+def huggingface_readme(card: Mapping[str, Any]) -> str:
+    """A Hugging Face model card: YAML front matter (:func:`huggingface_metadata`) and the
+    card rendered as Markdown (:func:`render_markdown`)."""
+    if not isinstance(card, Mapping):
+        raise ValueError(f"card: expected a dict, got {type(card).__name__}")
+    front = "\n".join(to_yaml(huggingface_metadata(card)))
+    return f"---\n{front}\n---\n\n{render_markdown(card)}"
+
+
+def export_huggingface(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
+                       ) -> Path:
+    """Write the run's card as a Hugging Face ``README.md`` (default: ``RUN_DIR/README.md``).
+
+    Returns:
+        The path written.
+    """
+    card = read_card(run_dir)
+    p = Path(run_dir)
+    target = Path(out) if out is not None else (p if p.is_dir() else p.parent) / "README.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, huggingface_readme(card).encode("utf-8"))
+    return target

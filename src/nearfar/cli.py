@@ -2,7 +2,7 @@
 
     nearfar train [RECIPE.toml] [--set key=value ...] [--run-dir DIR] [--resume]
     nearfar eval RUN_DIR [--data-source folder --data-path DIR]
-    nearfar card RUN_DIR [--json] | nearfar card check RUN_DIR
+    nearfar card [show] RUN_DIR [--json] | card check RUN_DIR | card export RUN_DIR
     nearfar views [RECIPE.toml] [--out pairs.png]
 
 Errors a user can cause are printed as one line (`nearfar: error: ...`) with exit
@@ -71,24 +71,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_card(args: argparse.Namespace) -> int:
-    from nearfar.card import missing_fields, read_card, render_markdown
+CARD_ACTIONS = ("show", "check", "export")
 
-    if args.run_dir == "check":
-        if not args.target:
-            raise CommandError("card check: expected a RUN_DIR, e.g. nearfar card check runs/x")
-        card = read_card(args.target)
-        missing = missing_fields(card)
-        if missing:
-            print(f"{args.target}: card is missing {len(missing)} field(s):")
-            for m in missing:
-                print(f"  - {m}")
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from nearfar.card import check_card, export_huggingface, read_card, render_markdown
+
+    action = getattr(args, "card_action", None) or "show"
+    if action == "check":
+        card = read_card(args.run_dir)
+        problems = check_card(card, args.run_dir)
+        if problems:
+            print(f"{args.run_dir}: card check failed, {len(problems)} problem(s):")
+            for line in problems:
+                print(f"  - {line}")
             return 1
-        print(f"{args.target}: card states every source-discipline field")
+        n_audits = len(card.get("audits") or [])
+        print(f"{args.run_dir}: ok (every source-discipline field stated, schema valid, "
+              f"{n_audits} attached audit(s) match their sha256)")
+        return 0
+    if action == "export":
+        path = export_huggingface(args.run_dir, args.out)
+        print(f"wrote a Hugging Face model card ({args.format}) to {path}")
         return 0
     card = read_card(args.run_dir)
     print(json.dumps(card, indent=2) if args.json else render_markdown(card))
     return 0
+
+
+def _card_argv(argv: list[str]) -> list[str]:
+    """`nearfar card RUN_DIR [--json]` (no sub-command) is `nearfar card show RUN_DIR`."""
+    if len(argv) >= 2 and argv[0] == "card" and argv[1] not in (*CARD_ACTIONS, "-h", "--help"):
+        return ["card", "show", *argv[1:]]
+    return argv
 
 
 def cmd_views(args: argparse.Namespace) -> int:
@@ -150,14 +165,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("card", help="print a run's card, or check it (`card check RUN_DIR`)",
-                       description="Print the card of a run (markdown, or --json). "
-                                   "`nearfar card check RUN_DIR` exits 1 naming each missing "
-                                   "source-discipline field.")
-    p.add_argument("run_dir", help="a run directory, or the word `check`")
-    p.add_argument("target", nargs="?", default=None, help="the run directory for `check`")
-    p.add_argument("--json", action="store_true", help="print card.json instead of markdown")
-    p.set_defaults(func=cmd_card)
+    p = sub.add_parser("card", help="show, check or export a run's card",
+                       description="The card of a run: `show` (markdown or --json; also "
+                                   "`nearfar card RUN_DIR`), `check` (exit 1 naming each "
+                                   "missing or invalid field and each changed audit), "
+                                   "`export --format huggingface` (a model-card README.md).")
+    card_sub = p.add_subparsers(dest="card_action", metavar="ACTION")
+    q = card_sub.add_parser("show", help="print the card (markdown, or --json)")
+    q.add_argument("run_dir", help="a run directory made by `nearfar train`")
+    q.add_argument("--json", action="store_true", help="print card.json instead of markdown")
+    q.set_defaults(func=cmd_card)
+    q = card_sub.add_parser(
+        "check", help="exit 1 naming each missing / invalid field or changed audit",
+        description="Validate card.json against the card JSON Schema: every source-discipline "
+                    "field (objective, positive and negative construction, modality, encoder "
+                    "+ weights sha256, dataset + data sha256, benchmark, evaluation protocol, "
+                    "every result's protocol, uses) and every attached audit's sha256. Prints "
+                    "`ok` and exits 0, or names each problem and exits 1.")
+    q.add_argument("run_dir", help="a run directory (or its card.json)")
+    q.set_defaults(func=cmd_card)
+    q = card_sub.add_parser("export", help="write the card in another format (huggingface)")
+    q.add_argument("run_dir", help="a run directory made by `nearfar train`")
+    q.add_argument("--format", choices=["huggingface"], default="huggingface",
+                   help="huggingface: README.md with a model-index YAML block (default)")
+    q.add_argument("--out", default=None, help="output file (default RUN_DIR/README.md)")
+    q.set_defaults(func=cmd_card)
+    p.set_defaults(func=lambda _args: (p.print_help(), 0)[1])
 
     p = sub.add_parser("views", help="save a PNG grid of the positive pairs a recipe makes",
                        description="Draw positive pairs from the recipe's view pipeline and save "
@@ -176,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_card_argv(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

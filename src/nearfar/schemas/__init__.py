@@ -1,0 +1,1 @@
+"""JSON Schemas shipped with nearfar (package data): ``card.schema.json`` for card.json."""
