@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_index(sub)
     from nearfar.serve.cli import register as register_serve
     register_serve(sub)
+    from nearfar.audit.cli import register as register_audit
+    register_audit(sub)
     return parser
 
 
