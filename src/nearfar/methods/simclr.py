@@ -45,6 +45,9 @@ class SimCLR(TwoViewMethod):
             (semi-)supervised runs and false-negative studies).
         exclude_same_group: drop pairs with the same ``batch["group"]`` (per-item
             extras, e.g. duplicate-cluster or source ids) from the negatives.
+        grad_cache_chunk: embed the 2B views this many at a time with cached gradients
+            (GradCache, Gao et al., 2021): the same loss, encoder memory of one chunk;
+            BatchNorm statistics per chunk. None (default) embeds all at once.
     """
 
     name = "simclr"
@@ -55,8 +58,9 @@ class SimCLR(TwoViewMethod):
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
                  tile: int | None = None, loss: str = "nt_xent", tau_plus: float = 0.1,
                  beta: float = 1.0, exclude_same_label: bool = False,
-                 exclude_same_group: bool = False) -> None:
-        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+                 exclude_same_group: bool = False, grad_cache_chunk: int | None = None) -> None:
+        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed,
+                         grad_cache_chunk=grad_cache_chunk)
         if loss not in LOSSES:
             raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {loss!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
@@ -78,7 +82,7 @@ class SimCLR(TwoViewMethod):
              ) -> StepOutput:
         _, v1, v2 = self.draw_views(batch, generator)
         # one forward over both views: same BatchNorm statistics for both, one big conv
-        z = self.head(self.encode(torch.cat([v1, v2]))).float()
+        z = self.embed_views(lambda v: self.head(self.encode(v)), torch.cat([v1, v2])).float()
         z1, z2 = z.chunk(2)
         exclude = self._exclusion(batch, len(z1), z.device)
         if self.loss_name != "nt_xent":

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from nearfar.methods.base import Method, check_batch
+from nearfar.methods.grad_cache import cached_gradient_forward
 from nearfar.nn import parameter_count, resolve_encoder
 
 
@@ -64,14 +65,22 @@ class TwoViewMethod(Method):
             ``nearfar.views.default_mnist_views()``.
         encoder_kwargs: constructor keywords when ``encoder`` is a name.
         seed: seeds the views when no generator is passed to :meth:`loss`.
+        grad_cache_chunk: None embeds the whole batch at once; k embeds it k rows at a
+            time with cached gradients (GradCache, Gao et al., 2021;
+            ``nearfar.methods.grad_cache``): the same loss over the whole batch, encoder
+            activation memory of k rows, about one extra forward pass of compute.
+            BatchNorm batch statistics are then per chunk of k rows.
     """
 
     modality = "image"
     views_per_item = 2
 
     def __init__(self, encoder: nn.Module | str = "small_cnn", views: Callable | None = None,
-                 *, encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> None:
+                 *, encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
+                 grad_cache_chunk: int | None = None) -> None:
         super().__init__()
+        if grad_cache_chunk is not None:
+            check_int(grad_cache_chunk, "grad_cache_chunk")
         encoder = resolve_encoder(encoder, encoder_kwargs)
         out = getattr(encoder, "out_dim", None)
         if not isinstance(out, int):
@@ -87,6 +96,7 @@ class TwoViewMethod(Method):
         self.encoder = encoder
         self.views = views
         self.seed = int(seed)
+        self.grad_cache_chunk = grad_cache_chunk
         self._own_generator: torch.Generator | None = None
 
     @property
@@ -121,12 +131,24 @@ class TwoViewMethod(Method):
         """Backbone features of an image batch, in the trainer's memory format."""
         return self.encoder(x.contiguous(memory_format=self.memory_format))
 
+    def embed_views(self, fn: Callable[[Tensor], Tensor], views: Tensor) -> Tensor:
+        """``fn(views)``, (B, ...) -> (B, D), e.g. ``lambda v: head(encode(v))``; with
+        ``grad_cache_chunk`` set, computed chunk by chunk with cached gradients
+        (``nearfar.methods.grad_cache``), so ``loss.backward()`` recomputes one chunk at a
+        time. ``fn`` may use only this method's parameters."""
+        if self.grad_cache_chunk is None:
+            return fn(views)
+        return cached_gradient_forward(fn, views, self.grad_cache_chunk, module=self)
+
     def encoder_card(self) -> dict[str, Any]:
-        return {
+        card = {
             "class": type(self.encoder).__name__,
             "out_dim": int(self.encoder.out_dim),
             "parameters": parameter_count(self.encoder),
         }
+        if self.grad_cache_chunk is not None:
+            card["grad_cache_chunk"] = self.grad_cache_chunk
+        return card
 
     def views_card(self) -> Any:
         return describe_views(self.views)
