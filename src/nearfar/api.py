@@ -166,19 +166,124 @@ def train_config(values: dict[str, Any], *, progress: bool | None = None) -> Tra
 
 # ------------------------------------------------------------------ evaluation
 
+#: every protocol `nearfar eval --protocols` knows
+EVAL_PROTOCOLS = ("knn", "linear_probe", "clustering", "rank", "hubness", "geometry",
+                  "retrieval")
+#: what `nearfar train` and `nearfar eval` run unless told otherwise (the cheap ones;
+#: linear_probe only when the recipe's eval.linear_probe is on)
+DEFAULT_PROTOCOLS = ("knn", "linear_probe", "clustering", "rank", "hubness", "geometry")
+#: protocols that need labels
+LABELLED_PROTOCOLS = ("knn", "linear_probe", "clustering", "retrieval")
+
+
+def check_protocols(protocols: Iterable[str] | str | None) -> tuple[str, ...]:
+    """Protocol names, checked (None: :data:`DEFAULT_PROTOCOLS`); a comma-separated string
+    is split."""
+    if protocols is None:
+        return DEFAULT_PROTOCOLS
+    if isinstance(protocols, str):
+        protocols = [p.strip() for p in protocols.split(",") if p.strip()]
+    out = tuple(dict.fromkeys(protocols))
+    unknown = [p for p in out if p not in EVAL_PROTOCOLS]
+    if unknown or not out:
+        raise ValueError(f"protocols: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                         f"known: {', '.join(EVAL_PROTOCOLS)}")
+    return out
+
+
+def _hubness_results(test_emb: Tensor, k: int) -> list[dict]:
+    from nearfar.evaluate import Result, hubness
+
+    h = hubness(test_emb, k=k)
+    protocol = {**h["protocol"], "n_train": 0, "n_test": int(len(test_emb)),
+                "split": "held-out test items among themselves"}
+    return [Result(float(h[key]), metric, protocol).to_dict() for key, metric in (
+        ("skewness", "k_occurrence_skewness"), ("antihub_share", "antihub_share"),
+        ("hub_share", "hub_share"))]
+
+
 def evaluate_embeddings(train_emb: Tensor, train_labels: Tensor | None, test_emb: Tensor,
-                        test_labels: Tensor | None, eval_cfg: dict[str, Any]) -> list[dict]:
-    """kNN and linear probe on frozen embeddings; each result carries its protocol."""
-    if train_labels is None or test_labels is None:
-        return []
-    results = [knn_accuracy(train_emb, train_labels, test_emb, test_labels,
-                            k=min(eval_cfg["knn_k"], len(train_emb)),
-                            temperature=eval_cfg["knn_temperature"]).to_dict()]
-    if eval_cfg["linear_probe"]:
+                        test_labels: Tensor | None, eval_cfg: dict[str, Any],
+                        protocols: Iterable[str] | str | None = None,
+                        *, seed: int = 0) -> list[dict]:
+    """The protocols on frozen embeddings (all but geometry, which needs views); each
+    result carries its protocol. Labelled protocols are skipped without labels.
+
+    Args:
+        protocols: names from :data:`EVAL_PROTOCOLS` (None: :data:`DEFAULT_PROTOCOLS`,
+            with linear_probe only if ``eval_cfg["linear_probe"]``).
+        seed: for k-means.
+    """
+    default = protocols is None
+    protocols = check_protocols(protocols)
+    labelled = train_labels is not None and test_labels is not None
+    results: list[dict] = []
+    if labelled and "knn" in protocols:
+        results.append(knn_accuracy(train_emb, train_labels, test_emb, test_labels,
+                                    k=min(eval_cfg["knn_k"], len(train_emb)),
+                                    temperature=eval_cfg["knn_temperature"]).to_dict())
+    if labelled and "linear_probe" in protocols and (eval_cfg["linear_probe"] or not default):
         probe = linear_probe(train_emb, train_labels, test_emb, test_labels,
                              epochs=eval_cfg["probe_epochs"])
         results.append(probe.to_dict() if hasattr(probe, "to_dict") else dict(probe))
+    if labelled and "clustering" in protocols and len(torch.unique(test_labels)) >= 2:
+        from nearfar.evaluate import clustering_scores
+        results += [r.to_dict() for r in clustering_scores(test_emb, test_labels,
+                                                           seed=seed).values()]
+    if labelled and "retrieval" in protocols:
+        from nearfar.evaluate import ndcg_at_k, retrieval_metrics
+        kw = {"query_groups": test_labels, "item_groups": train_labels,
+              "direction": "test_to_train"}
+        found = {**retrieval_metrics(test_emb, train_emb, ks=(1, 10), **kw),
+                 **ndcg_at_k(test_emb, train_emb, ks=(10,), **kw)}
+        for r in found.values():
+            r.protocol.update(relevance="train items of the query's class",
+                              queries="held-out items", items="train items",
+                              n_train=int(len(train_emb)))
+        results += [r.to_dict() for r in found.values()]
+    if "rank" in protocols:
+        from nearfar.evaluate import rank_metrics
+        results += [r.to_dict() for r in rank_metrics(test_emb).values()]
+    if "hubness" in protocols and len(test_emb) >= 2:
+        results += _hubness_results(test_emb, k=min(10, len(test_emb) - 1))
     return results
+
+
+def evaluate_geometry(method, images: Tensor, device: torch.device, *, seed: int,
+                      max_items: int = 2000) -> list[dict]:
+    """Alignment and uniformity (Wang & Isola, 2020) of the frozen encoder on two views
+    of up to ``max_items`` held-out images, drawn by the method's own view pipeline from
+    a generator seeded with ``seed``. Nothing for methods without views (e.g. CPC)."""
+    views = getattr(method, "views", None)
+    if views is None or len(images) < 2:
+        return []
+    from nearfar.evaluate import geometry_metrics
+
+    x_all = images[:max_items]
+    g = torch.Generator(device=device).manual_seed(int(seed))
+    was_training = method.training
+    method.eval()
+    z1, z2 = [], []
+    try:
+        with torch.no_grad():
+            for a in range(0, len(x_all), 512):
+                x = x_all[a:a + 512].to(device)
+                x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+                out = views(x, g)
+                v1, v2 = out if isinstance(out, (tuple, list)) else (out, views(x, g))
+                z1.append(method.embed(v1).float().cpu())
+                z2.append(method.embed(v2).float().cpu())
+    finally:
+        method.train(was_training)
+    describe = getattr(method, "views_card", None) or getattr(views, "describe", None)
+    try:
+        described = describe() if callable(describe) else type(views).__name__
+    except Exception:  # a description is a courtesy; the numbers do not depend on it
+        described = type(views).__name__
+    found = geometry_metrics(torch.cat(z1), torch.cat(z2), seed=int(seed), views={
+        "pipeline": described, "generator_seed": int(seed),
+        "items": f"the first {len(x_all)} held-out items"})
+    return [r.to_dict() for r in found.values()]
 
 
 def evaluate_image_text(method, test_ds: ImageDataset, test_emb: Tensor) -> list[dict]:
@@ -271,7 +376,8 @@ def train(recipe: Recipe | dict | str | os.PathLike | None = None, *,
     train_emb = _embed_method(method, train_ds.images, device)
     test_emb = _embed_method(method, test_ds.images, device)
     results = evaluate_embeddings(train_emb, train_ds.labels, test_emb, test_ds.labels,
-                                  values["eval"])
+                                  values["eval"], seed=values["seed"])
+    results += evaluate_geometry(method, test_ds.images, device, seed=values["seed"])
     results += evaluate_image_text(method, test_ds, test_emb)
     atomic_write_json(run_dir / EVAL_FILE, {"fit": fit.to_dict(), "results": results})
     card = make_card(run_dir, method, values, dataset, train_ds, test_ds, results, rec.source)
@@ -300,11 +406,16 @@ def make_card(run_dir: Path, method, values: dict[str, Any], dataset: ImageDatas
     protocol = ("frozen encoder features (projection head "
                 f"{described.get('objective', {}).get('head_downstream', 'dropped')}); "
                 "fit on the train split, scored on the held-out test split")
+    uses = values.get("card") or {}
+    declared = uses.get("intended_uses") is not None or uses.get("out_of_scope_uses") is not None
     card = build_card(method=described, encoder=encoder, dataset=data,
                       evaluation={"protocol": protocol, "results": results},
-                      seed=values["seed"], name=values["name"])
-    card["benchmark"] = {"name": f"{data.get('name', 'data')} held-out split",
-                         "metrics": [r["metric"] for r in results]}
+                      seed=values["seed"], name=values["name"],
+                      benchmark={"name": f"{data.get('name', 'data')} held-out split",
+                                 "metrics": [r["metric"] for r in results]},
+                      intended_uses=uses.get("intended_uses"),
+                      out_of_scope_uses=uses.get("out_of_scope_uses"),
+                      uses_declared_by="recipe" if declared else "nearfar defaults")
     card["recipe"] = {"source": recipe_source, "values": values}
     write_card(run_dir, card)
     return card
@@ -404,13 +515,17 @@ def load(run_dir: str | os.PathLike, *, device: str = "auto") -> Encoder:
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, data: dict[str, Any] | None = None,
-                 device: str = "auto") -> list[dict[str, Any]]:
-    """Re-run the run's evaluation protocol, on its own held-out split or on other data.
+                 device: str = "auto", protocols: Iterable[str] | str | None = None
+                 ) -> list[dict[str, Any]]:
+    """Re-run the run's evaluation protocols, on its own held-out split or on other data.
 
     Args:
         data: a [data]-style table (``{"source": "folder", "path": ...}``) to evaluate
             on instead; it is split with the run's test_size and seed.
+        protocols: names from :data:`EVAL_PROTOCOLS` (or "knn,rank"); None runs
+            :data:`DEFAULT_PROTOCOLS`, as training does, so the numbers reproduce.
     """
+    chosen = check_protocols(protocols)
     enc = load(run_dir, device=device)
     values, _ = _read_recipe(Path(run_dir))
     data_cfg = dict(values["data"])
@@ -421,17 +536,24 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: dict[str, Any] | None = No
         raise RunError(f"data: images of shape {ds.image_shape} do not fit this encoder "
                        f"(trained on {enc.image_shape}); set data.image_size / grayscale")
     train_ds, test_ds = split_source(ds, data_cfg, values["seed"])
-    if train_ds.labels is None:
-        raise RunError("data: has no labels; kNN and linear probe need labelled data")
+    needs_labels = [p for p in chosen if p in LABELLED_PROTOCOLS]
+    if train_ds.labels is None and needs_labels:
+        raise RunError(f"data: has no labels; {', '.join(needs_labels)} need labelled data "
+                       f"(rank, hubness and geometry do not: --protocols rank,hubness,geometry)")
     train_emb = _embed_method(enc.method, train_ds.images, enc.device)
     test_emb = _embed_method(enc.method, test_ds.images, enc.device)
-    return evaluate_embeddings(train_emb, train_ds.labels, test_emb, test_ds.labels,
-                               values["eval"]) + evaluate_image_text(enc.method, test_ds,
-                                                                     test_emb)
+    results = evaluate_embeddings(train_emb, train_ds.labels, test_emb, test_ds.labels,
+                                  values["eval"], None if protocols is None else chosen,
+                                  seed=values["seed"])
+    if "geometry" in chosen:
+        results += evaluate_geometry(enc.method, test_ds.images, enc.device,
+                                     seed=values["seed"])
+    return results + evaluate_image_text(enc.method, test_ds, test_emb)
 
 
 def card_markdown(run_dir: str | os.PathLike) -> str:
     return render_markdown(read_card(run_dir))
 
 
-__all__ = ["Encoder", "RunError", "RunResult", "evaluate_run", "load", "train"]
+__all__ = ["DEFAULT_PROTOCOLS", "EVAL_PROTOCOLS", "Encoder", "RunError", "RunResult",
+           "evaluate_run", "load", "train"]

@@ -1,7 +1,7 @@
 """`nearfar`: train, evaluate, inspect and explain contrastive encoders.
 
     nearfar train [RECIPE.toml] [--set key=value ...] [--run-dir DIR] [--resume]
-    nearfar eval RUN_DIR [--data-source folder --data-path DIR]
+    nearfar eval RUN_DIR [--protocols knn,clustering,...] [--data-source folder --data-path DIR]
     nearfar card [show] RUN_DIR [--json] | card check RUN_DIR | card export RUN_DIR
     nearfar views [RECIPE.toml] [--out pairs.png]
 
@@ -30,14 +30,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             EmbeddingCollapse, ImageReadError, CardError)
 
 
+#: protocol settings worth printing next to a number, per protocol name
+_SHOWN_SETTINGS = {"knn": ("k", "temperature"), "linear_probe": ("epochs", "optimizer"),
+                   "clustering": ("k", "n_init", "seed"), "rank": ("tol", "eps"),
+                   "hubness": ("k",), "geometry": ("alpha", "t", "n_items_used"),
+                   "retrieval": ("direction", "k")}
+
+
+def _protocol_words(p: dict) -> str:
+    name = p.get("name", "protocol not stated")
+    shown = [f"{key}={p[key]}" for key in _SHOWN_SETTINGS.get(name, ()) if key in p]
+    if "n_train" in p or "n_test" in p:
+        shown.append(f"{p.get('n_train')} train / {p.get('n_test')} test")
+    return f"{name}: {', '.join(shown)}" if shown else str(name)
+
+
 def _print_results(results: list[dict]) -> None:
     if not results:
-        print("no labelled held-out data: kNN and linear probe skipped")
+        print("no held-out results (no labels, and no label-free protocol applied)")
     for r in results:
-        p = r.get("protocol", {})
-        extra = f" (k={p['k']}, T={p['temperature']})" if p.get("name") == "knn" else ""
-        print(f"  {r['metric']:<26} {r['value']:.4f}{extra}  "
-              f"[{p.get('n_train')} train / {p.get('n_test')} test]")
+        p = r.get("protocol") or {}
+        print(f"  {r['metric']:<26} {r['value']:9.4f}  [{_protocol_words(p)}]")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -62,7 +75,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = None
     if args.data_source or args.data_path:
         data = {"source": args.data_source or "folder", "path": args.data_path or ""}
-    results = evaluate_run(args.run_dir, data=data, device=args.device)
+    results = evaluate_run(args.run_dir, data=data, device=args.device,
+                           protocols=args.protocols)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -155,14 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run on frozen features",
-                       description="kNN and linear probe of a run's frozen encoder, on its own "
-                                   "held-out split or on another dataset or folder.")
+                       description="Evaluation protocols on a run's frozen encoder, on its "
+                                   "own held-out split or on another dataset or folder: kNN, "
+                                   "linear probe, k-means clustering (NMI/AMI), effective rank "
+                                   "(RankMe), hubness, alignment/uniformity (geometry), "
+                                   "label retrieval (recall@k, MRR, nDCG). Every number is "
+                                   "printed with its protocol.")
     p.add_argument("run_dir", help="a run directory made by `nearfar train`")
     p.add_argument("--data-source", default=None,
                    help="mnist5k | digits | folder | manifest (default: the run's own data)")
     p.add_argument("--data-path", default=None, help="folder or manifest path")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--protocols", default=None, metavar="LIST",
+                   help="comma-separated: knn,linear_probe,clustering,rank,hubness,geometry,"
+                        "retrieval (default: all but retrieval, as `nearfar train` runs)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("card", help="show, check or export a run's card",

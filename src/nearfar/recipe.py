@@ -55,6 +55,10 @@ SCHEMA: dict[str, Any] = {
         "linear_probe": (bool, True),
         "probe_epochs": (int, 100),
     },
+    "card": {                              # unset: the card's defaults (nearfar.card)
+        "intended_uses": ((list, type(None)), None),
+        "out_of_scope_uses": ((list, type(None)), None),
+    },
 }
 
 _ANNOTATION_TYPES: dict[str, Any] = {
@@ -143,6 +147,10 @@ def validate(raw: dict[str, Any]) -> dict[str, Any]:
                 recipe[key][sub] = _check_value(f"{key}.{sub}", subval, spec[sub][0])
         else:
             recipe[key] = _check_value(key, value, spec[0])
+    for sub, uses in recipe["card"].items():
+        if uses is not None and any(not isinstance(u, str) or not u.strip() for u in uses):
+            raise RecipeError(f"recipe.card.{sub}: expected a list of non-empty strings, "
+                              f"got {uses!r}")
     return recipe
 
 

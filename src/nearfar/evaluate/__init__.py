@@ -21,3 +21,12 @@ __all__ += ["image_text_retrieval", "retrieval_metrics", "zero_shot_accuracy"]
 from nearfar.evaluate.hubness import hubness, k_occurrence, nearest_neighbours  # noqa: E402
 
 __all__ += ["hubness", "k_occurrence", "nearest_neighbours"]
+
+# clustering (NMI / AMI), effective rank (RankMe), nDCG, alignment / uniformity
+from nearfar.evaluate.clustering import clustering_scores  # noqa: E402
+from nearfar.evaluate.geometry import geometry_metrics  # noqa: E402
+from nearfar.evaluate.rank import effective_rank, numerical_rank, rank_metrics  # noqa: E402
+from nearfar.evaluate.retrieval import ndcg_at_k  # noqa: E402
+
+__all__ += ["clustering_scores", "effective_rank", "geometry_metrics", "ndcg_at_k",
+            "numerical_rank", "rank_metrics"]

@@ -8,7 +8,12 @@ item i. Scores are computed in chunks of queries, so no full similarity matrix i
 
 * recall@k: the fraction of queries with at least one relevant item among the k best
   ranked (the COCO / Flickr30k protocol of CLIP, Radford et al., 2021);
-* MRR: the mean over queries of 1 / (rank of the first relevant item).
+* MRR: the mean over queries of 1 / (rank of the first relevant item);
+* nDCG@k (Jarvelin & Kekalainen, 2002): DCG@k = sum_{r <= k} gain(rel_r) / log2(r + 1)
+  over the k best ranked items, divided by the DCG@k of the ideal order; relevance may be
+  graded (a non-negative (queries x items) matrix) or binary, with any number of
+  relevant items per query. The gain is 2^rel - 1 (Burges et al., 2005) or rel; both are
+  1 / 0 for binary relevance.
 
 Ties are broken against the query: an irrelevant item that scores exactly as high as the
 best relevant one ranks before it, so a collapsed embedding does not look good.
@@ -200,4 +205,103 @@ def image_text_retrieval(image_emb, text_emb, *, relevance=None, image_groups=No
     return out
 
 
-__all__ = ["first_relevant_ranks", "image_text_retrieval", "retrieval_metrics"]
+def _gain_source(n_queries: int, n_items: int, relevance: object, query_groups: object,
+                 item_groups: object, gain: str):
+    """A function (start, stop) -> float64 (stop - start, n_items) gain block."""
+    if relevance is not None:
+        if query_groups is not None or item_groups is not None:
+            raise ValueError("relevance: give either a relevance matrix or group ids, not both")
+        rel = _to_tensor(relevance, "relevance")
+        if tuple(rel.shape) != (n_queries, n_items) or rel.is_complex():
+            raise ValueError(f"relevance: expected a ({n_queries}, {n_items}) matrix of "
+                             f"grades >= 0 or booleans, got {rel.dtype} {tuple(rel.shape)}")
+        rel = rel.double()
+        if not bool(torch.isfinite(rel).all()) or bool((rel < 0).any()):
+            raise ValueError("relevance: expected finite grades >= 0 (0: not relevant)")
+        graded = rel if gain == "linear" else torch.exp2(rel) - 1.0
+        how = "graded relevance matrix" if bool(((rel != 0) & (rel != 1)).any()) \
+            else "binary relevance matrix"
+        return (lambda a, b: graded[a:b]), how
+    relevant, how = _relevance_source(n_queries, n_items, None, query_groups, item_groups,
+                                      ("relevance", "query_groups", "item_groups"))
+    return (lambda a, b: relevant(a, b).double()), how
+
+
+def ndcg_at_k(queries, items, *, relevance=None, query_groups=None, item_groups=None,
+              ks: Sequence[int] = (10,), gain: str = "exponential",
+              direction: str = "query_to_item", chunk_size: int | None = None,
+              device: torch.device | str | None = None) -> dict[str, Result]:
+    """Normalised discounted cumulative gain at each k (Jarvelin & Kekalainen, 2002).
+
+    Args:
+        queries: (Q, D); items: (M, D) embeddings, ranked by cosine similarity.
+        relevance: optional (Q, M) matrix: booleans, or grades >= 0 (0: not relevant).
+        query_groups, item_groups: optional group ids (binary relevance: same group).
+            With none of these, query i's one relevant item is item i.
+        ks: cut-offs, each >= 1.
+        gain: "exponential" (2^rel - 1, Burges et al., 2005) or "linear" (rel).
+        direction: the prefix of the metric names.
+
+    Queries without any relevant item (ideal DCG 0) are left out, and counted in the
+    protocol. Ties are broken against the query: among items of equal score the less
+    relevant ones rank first.
+
+    Returns:
+        ``{"<direction>_ndcg@<k>": Result, ...}``.
+    """
+    q = as_embeddings(queries, "queries")
+    m = as_embeddings(items, "items", dim=q.shape[1])
+    if not isinstance(ks, (list, tuple)) or not ks:
+        raise ValueError(f"ks: expected a non-empty list of integers >= 1, got {ks!r}")
+    ks = [check_int(k, "ks", low=1) for k in ks]
+    if gain not in ("exponential", "linear"):
+        raise ValueError(f"gain: expected \"exponential\" or \"linear\", got {gain!r}")
+    gains, how = _gain_source(len(q), len(m), relevance, query_groups, item_groups, gain)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if chunk_size is None:
+        chunk_size = max(1, _AUTO_CHUNK_ELEMENTS // len(m))
+    else:
+        chunk_size = check_int(chunk_size, "chunk_size", low=1)
+    kmax = min(max(ks), len(m))
+    discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float64, device=device))
+    items_n = F.normalize(m.to(device), dim=1)
+    dcg = {k: [] for k in ks}
+    idcg = {k: [] for k in ks}
+    with torch.no_grad():
+        for a in range(0, len(q), chunk_size):
+            b = min(a + chunk_size, len(q))
+            sim = F.normalize(q[a:b].to(device), dim=1) @ items_n.T          # (b - a, M)
+            g = gains(a, b).to(device)
+            # ties against the query: order by gain ascending, then stably by score
+            by_gain = torch.sort(g, dim=1, stable=True).indices
+            order = torch.sort(sim.gather(1, by_gain), dim=1, descending=True,
+                               stable=True).indices[:, :kmax]
+            ranked = g.gather(1, by_gain.gather(1, order))                  # (b - a, kmax)
+            ideal = torch.sort(g, dim=1, descending=True).values[:, :kmax]
+            for k in ks:
+                kk = min(k, kmax)
+                dcg[k].append((ranked[:, :kk] * discount[:kk]).sum(1).cpu())
+                idcg[k].append((ideal[:, :kk] * discount[:kk]).sum(1).cpu())
+    ideal_all = torch.cat(idcg[ks[0]])
+    counted = ideal_all > 0
+    n = int(counted.sum())
+    if n == 0:
+        raise ValueError("relevance: no query has a relevant item; nothing to score")
+    protocol = {
+        "name": "retrieval", "direction": direction, "similarity": "cosine",
+        "relevance": how, "gain": "2^rel - 1" if gain == "exponential" else "rel",
+        "discount": "1 / log2(rank + 1)", "reference": "Jarvelin & Kekalainen, 2002",
+        "n_queries": n, "n_items": len(m), "n_train": 0, "n_test": n,
+        "queries_without_relevant": int(len(q) - n),
+        "ties": "among equal scores the less relevant item ranks first",
+    }
+    out = {}
+    for k in ks:
+        d, i = torch.cat(dcg[k])[counted], torch.cat(idcg[k])[counted]
+        out[f"{direction}_ndcg@{k}"] = Result(
+            float((d / i).mean()), f"{direction}_ndcg@{k}",
+            {**protocol, "k": k, "definition": "mean over queries of DCG@k / ideal DCG@k"})
+    return out
+
+
+__all__ = ["first_relevant_ranks", "image_text_retrieval", "ndcg_at_k", "retrieval_metrics"]
