@@ -56,7 +56,8 @@ def write_json(out_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
 
 def _figure_png(fig) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    fig.set_layout_engine("constrained")
+    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
     import matplotlib.pyplot as plt
 
     plt.close(fig)
