@@ -80,7 +80,7 @@ def as_recipe(recipe: Recipe | dict | str | os.PathLike | None,
 
 
 def load_source(data: dict[str, Any]) -> ImageDataset:
-    """The dataset a recipe's [data] section names (bundled, folder or manifest)."""
+    """The dataset a recipe's [data] section names (bundled, folder, manifest or tar shards)."""
     source, path = data["source"], data["path"]
     size = data["image_size"] or None
     gray = True if data["grayscale"] else None
@@ -94,11 +94,18 @@ def load_source(data: dict[str, Any]) -> ImageDataset:
             raise RecipeError("recipe.data.path: expected a .csv or .jsonl manifest for "
                               "source = \"manifest\", got nothing")
         return load_manifest(path, image_size=size, grayscale=gray, strict=data["strict"])
+    if source == "shards":
+        if not path:
+            raise RecipeError("recipe.data.path: expected tar shards for source = \"shards\" "
+                              "(a folder, or a pattern such as data-{000000..000009}.tar), "
+                              "got nothing")
+        from nearfar.data.shards import load_shards
+        return load_shards(path, image_size=size, grayscale=gray, strict=data["strict"])
     try:
         return load_dataset(source)
     except ValueError as exc:
-        raise RecipeError(f"recipe.data.source: {exc}; or use \"folder\" / \"manifest\" with "
-                          f"data.path") from None
+        raise RecipeError(f"recipe.data.source: {exc}; or use \"folder\" / \"manifest\" / "
+                          f"\"shards\" with data.path") from None
 
 
 def split_source(ds: ImageDataset, data: dict[str, Any], seed: int

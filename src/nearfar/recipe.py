@@ -35,8 +35,8 @@ SCHEMA: dict[str, Any] = {
     "seed": (int, 0),
     "device": (str, "auto"),
     "data": {
-        "source": (str, "mnist5k"),        # a bundled dataset name, or folder | manifest
-        "path": (str, ""),                 # for folder / manifest
+        "source": (str, "mnist5k"),        # a bundled dataset name, or folder | manifest | shards
+        "path": (str, ""),                 # for folder / manifest / shards (dir or {..} pattern)
         "test_size": (float, 1000),        # items (>= 1) or a fraction (< 1)
         "image_size": (int, 0),            # 0: keep (folder/manifest: first image's size)
         "grayscale": (bool, False),

@@ -79,3 +79,16 @@ from nearfar.data.shapes import load_shapes, predefined_split  # noqa: E402
 
 __all__ += ["load_mnist5k_captions", "load_shapes", "predefined_split", "prompt_templates",
             "register_prompts", "with_captions"]
+
+# tar shards (the webdataset format) for data larger than memory: write, read fully, stream
+from nearfar.data.shards import (  # noqa: E402
+    ShardReadError,
+    ShardStream,
+    expand_braces,
+    load_shards,
+    shard_paths,
+    write_shards,
+)
+
+__all__ += ["ShardReadError", "ShardStream", "expand_braces", "load_shards", "shard_paths",
+            "write_shards"]
