@@ -35,12 +35,12 @@ METHOD = {
 }
 
 
-def complete_card(**kw) -> dict:
+def complete_card(method=METHOD, **kw) -> dict:
     knn = Result(0.91, "knn_top1", {"name": "knn", "k": 20, "temperature": 0.07,
                                     "n_train": 4000, "n_test": 1000})
     nmi = Result(0.5, "clustering_nmi", {"name": "clustering", "n_init": 10, "k": 10})
     return build_card(
-        method=METHOD,
+        method=method,
         encoder={"architecture": "small_cnn", "parameter_count": 1000, "embedding_dim": 64,
                  "weights_sha256": "cd" * 32},
         dataset={"name": "mnist-5k", "version": "1", "source": "bundled", "sha256": "ab" * 32,
@@ -228,3 +228,18 @@ def test_huggingface_export_model_index_matches_card(tmp_path, capsys):
 
 def test_defaults_constant_is_what_cards_get():
     assert complete_card()["out_of_scope_uses"] == list(DEFAULT_OUT_OF_SCOPE_USES)
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco_v2", "moco_v3", "byol", "simsiam",
+                                  "barlow_twins", "vicreg", "dino", "supcon"])
+def test_every_image_method_description_fits_the_schema(name):
+    # what each method's describe() states (a learned or per-branch temperature is an
+    # object) must be valid card data, not only the hand-written example above
+    from nearfar.methods import build_method
+    from nearfar.views import default_mnist_views
+
+    method = build_method(name, encoder="small_cnn", views=default_mnist_views(),
+                          encoder_kwargs={"in_channels": 1})
+    method.batch_size = 32                   # what the trainer records before describe()
+    card = complete_card(method=method.describe())
+    assert schema_errors(card) == [] and check_card(card) == []
