@@ -19,8 +19,20 @@ Each run directory holds ``card.json`` and a rendered ``card.md``::
                       seed=0)
     write_card(run, card)
     missing_fields(read_card(run))   # [] when every source-discipline field is stated
+    check_card(read_card(run), run)  # [] when it also fits the JSON Schema and every
+                                     # attached audit file still has its recorded sha256
+    attach_audit(run, run / "audit.json")          # by sha256; card.md re-rendered
+    export_huggingface(run)                        # README.md with a model-index block
 
-Nothing here imports torch: a card can be read and checked anywhere.
+Every new card lists its ``intended_uses`` and ``out_of_scope_uses`` (by default biometric
+identification, surveillance, policing, employment, credit, healthcare and
+public-benefits decisions are out of scope) with the note that similarity alone is not
+evidence of identity, intent or eligibility; a recipe's ``[card]`` section may declare
+otherwise, and the card records who declared them.
+
+Nothing here imports torch: a card can be read and checked anywhere. The JSON Schema
+(``nearfar/schemas/card.schema.json``) is applied with ``jsonschema``, imported only by
+:func:`schema_errors` / :func:`check_card`.
 """
 
 from __future__ import annotations
