@@ -44,6 +44,7 @@ from nearfar.methods import build_method
 from nearfar.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from nearfar.train import TrainConfig, Trainer, seed_everything
 from nearfar.train.checkpoint import CheckpointError, load_weights
+from nearfar.train.launch import init_distributed, shutdown_distributed
 from nearfar.train.trainer import resolve_device
 from nearfar.views import build_two_views, default_mnist_views
 from nearfar.views.temporal import temporal_signal_pairs
@@ -359,25 +360,60 @@ def train(recipe: Recipe | dict | str | os.PathLike | None = None, *,
             ``runs/<name>-<timestamp>``.
         resume: continue the run in ``run_dir`` from its latest checkpoint, exactly.
         progress: show a progress bar (None: the recipe's ``trainer.progress``).
+
+    Launched by ``torchrun`` (several processes), every process trains its slice of
+    each global batch under DDP; process 0 alone writes the run directory (it need
+    exist on process 0's machine only), evaluates and writes the card, and every
+    process returns the same results.
     """
     rec = as_recipe(recipe, overrides)
+    many = init_distributed(rec.values["device"])   # torchrun's process group, else nothing
+    try:
+        return _train(rec, recipe, overrides, run_dir, resume, progress, many)
+    finally:
+        shutdown_distributed()      # only if joined above
+
+
+def _on_lead(value: Any, many: bool) -> Any:
+    """Process 0's ``value`` on every process (itself when there is one process)."""
+    if not many:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _train(rec: Recipe, recipe: Any, overrides: list[str] | None,
+           run_dir: str | os.PathLike | None, resume: bool, progress: bool | None,
+           many: bool) -> RunResult:
+    from nearfar.distributed import rank
+
+    lead = rank() == 0
     values = rec.values
     run_dir = Path(run_dir) if run_dir is not None else _run_dir_for(values)
-    if resume:
+    if resume and lead:
         saved = run_dir / RECIPE_FILE
         if saved.exists() and recipe is None and not overrides:
             values, _ = _read_recipe(run_dir)
             rec = recipe_from_dict(values)
+    # the run directory's timestamp and a resumed recipe are process 0's
+    values, run_dir = _on_lead((values, run_dir), many)
     resolve_device(values["device"])  # a bad device fails before anything is loaded or written
     seed_everything(values["seed"])
     dataset = load_source(values["data"])
     train_ds, test_ds = split_source(dataset, values["data"], values["seed"])
     method = build_method_from_recipe(values, train_ds.image_shape)
     config = train_config(values, progress=progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / RECIPE_FILE,
-                      {"recipe": values, "input_shape": list(train_ds.image_shape)})
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / RECIPE_FILE,
+                          {"recipe": values, "input_shape": list(train_ds.image_shape)})
     fit = Trainer(method, train_ds, config, run_dir=run_dir).fit(resume=resume)
+    if not lead:    # waits here while process 0 evaluates and writes the card
+        results, card = _on_lead(None, many)
+        return RunResult(run_dir=run_dir, fit=fit.to_dict(), results=results, card=card)
 
     device = resolve_device(values["device"])
     train_emb = _embed_method(method, train_ds.images, device)
@@ -388,6 +424,7 @@ def train(recipe: Recipe | dict | str | os.PathLike | None = None, *,
     results += evaluate_image_text(method, test_ds, test_emb)
     atomic_write_json(run_dir / EVAL_FILE, {"fit": fit.to_dict(), "results": results})
     card = make_card(run_dir, method, values, dataset, train_ds, test_ds, results, rec.source)
+    _on_lead((results, card), many)
     return RunResult(run_dir=run_dir, fit=fit.to_dict(), results=results, card=card)
 
 

@@ -59,9 +59,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.set) + ([f'device="{args.device}"'] if args.device else [])
     run = train(args.recipe, overrides=overrides, run_dir=args.run_dir, resume=args.resume,
                 progress=False if args.no_progress else None)
+    from nearfar.train.launch import launch_env
+
+    env = launch_env()
+    if env is not None and env.rank != 0:
+        return 0    # under torchrun, process 0 reports for all
     fit = run.fit
+    procs = f", {fit['world_size']} processes" if fit.get("world_size", 1) > 1 else ""
     print(f"trained {fit['step']} steps in {fit['train_time_s']:.1f} s "
-          f"({fit['images_per_s']:.0f} images/s, {fit['stopped']}); final loss "
+          f"({fit['images_per_s']:.0f} images/s{procs}, {fit['stopped']}); final loss "
           f"{fit['final_loss']:.4f}")
     print("held-out evaluation (frozen encoder):")
     _print_results(run.results)

@@ -22,8 +22,10 @@ class TrainConfig:
             counted across resumes; 0 disables. The schedule still spans ``steps``.
 
     Batches and optimisation:
-        batch_size: items per micro-batch; each micro-batch is its own set of
-            in-batch negatives. An epoch drops the last partial step.
+        batch_size: items per micro-batch and per process; each micro-batch is its
+            own set of in-batch negatives (unless the method gathers them across
+            processes). Under ``torchrun`` with N processes the global batch is
+            ``batch_size * N``. An epoch drops the last partial step.
         accumulate: micro-batches per optimizer step (gradient accumulation); the
             optimizer sees ``batch_size * accumulate`` items per step.
         optimizer: "adamw" or "lars" (You et al., 2017). Biases and norm
@@ -44,6 +46,14 @@ class TrainConfig:
             the current setting. On a CPU shared with other busy processes, 1 thread
             can be several times faster than oversubscribed OpenMP threads.
         seed: seeds the data order, the views, and torch/python/numpy globals.
+
+    Many processes (``torchrun``):
+        sync_batchnorm: turn every BatchNorm into ``torch.nn.SyncBatchNorm``, so that
+            the batch statistics span all processes' items (CUDA only); without it
+            each process normalises over its own ``batch_size`` items.
+        allow_world_size_change: let a resume continue a checkpoint written by a
+            different number of processes (the global batch changes, and the run is
+            no longer the same as an uninterrupted one); refused otherwise.
 
     Records:
         checkpoint_every: write a checkpoint every K steps (0: only at the end).
@@ -79,6 +89,8 @@ class TrainConfig:
     data_on_device: bool = True
     threads: int = 0
     seed: int = 0
+    sync_batchnorm: bool = False
+    allow_world_size_change: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -132,6 +144,10 @@ class TrainConfig:
                              f"'cuda:N', got {self.device!r}")
         integer("threads", 0)
         integer("seed", 0)
+        for name in ("sync_batchnorm", "allow_world_size_change"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name}: expected true or false, got "
+                                 f"{getattr(self, name)!r}")
         integer("checkpoint_every", 0)
         integer("keep_checkpoints", 1)
         integer("log_every", 1)

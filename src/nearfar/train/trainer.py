@@ -15,6 +15,15 @@ Example::
 ``fit(resume=True)`` continues a run from its latest checkpoint exactly as if it had
 never stopped (bitwise on the CPU): the data order, the views, the optimizer, the
 schedule and every random state are restored.
+
+Many processes (``torchrun --nproc_per_node=N``, see :mod:`nearfar.train.launch`): the
+method runs inside PyTorch's ``DistributedDataParallel`` (gradients averaged over the
+processes in the backward pass). Every process draws the same global permutation from
+the shared seed and takes its own disjoint slice of each global batch, so
+``batch_size`` is per process and the optimizer sees ``batch_size * accumulate *
+world_size`` items per step. Process 0 alone writes metrics, ``run.json``, the progress
+bar, checkpoints and weights; a checkpoint holds every process's random states, and a
+resume restores each process's own.
 """
 
 from __future__ import annotations
@@ -29,8 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from nearfar.distributed import all_gather_no_grad, is_distributed, rank, world_size
 from nearfar.durable import atomic_write
 from nearfar.train.checkpoint import (
     CheckpointError,
@@ -44,6 +56,7 @@ from nearfar.train.checkpoint import (
 from nearfar.train.config import TrainConfig
 from nearfar.train.guards import CollapseGuard, check_finite_loss
 from nearfar.train.lars import LARS, split_decay_groups
+from nearfar.train.launch import init_distributed, process_device
 from nearfar.train.rng import capture_global_rng, restore_global_rng, seed_everything
 from nearfar.train.schedule import WarmupCosine
 
@@ -52,6 +65,9 @@ RUN_INFO = "run.json"
 STATE_FORMAT = 1
 # settings that must match for a resume to continue the same run
 _RESUME_KEYS = ("batch_size", "accumulate", "optimizer", "seed", "warmup_steps", "lr")
+# process r > 0 seeds its views and global generators at seed + r * stride (process 0 at
+# seed, exactly like a single process), far from the seeds of neighbouring runs
+RANK_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -67,6 +83,8 @@ class FitResult:
         images_per_s, views_per_s: items and augmented views per second of the loop.
         stopped: "completed", "time_budget" or "stop_at_step".
         run_dir: where checkpoints and metrics went (None when not recorded).
+        world_size: processes that trained together (1 without torchrun); images
+            and rates count every process's items.
     """
 
     step: int
@@ -78,6 +96,7 @@ class FitResult:
     views_per_s: float
     stopped: str
     run_dir: str | None
+    world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +141,23 @@ def _unpack_data(data: Any) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
     return images, labels, extras
 
 
+class _LossModule(nn.Module):
+    """The method's ``loss`` as ``forward``, so that ``DistributedDataParallel`` wraps one
+    training step: it registers the gradient all-reduce for every parameter that needs a
+    gradient (momentum copies, ``requires_grad=False``, are left to the method) and
+    broadcasts process 0's buffers (BatchNorm statistics, queues) before each step."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator
+                ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+        out = self.method.loss(batch, generator=generator)
+        # a tuple, not the StepOutput dataclass: DDP follows tuples and dicts to the loss
+        return out.loss, out.embeddings, dict(out.metrics)
+
+
 class Trainer:
     """Trains any :class:`~nearfar.methods.Method` on an in-memory image dataset.
 
@@ -136,7 +172,13 @@ class Trainer:
         batch_order: optional ``order(perm, batch_size) -> perm`` applied to each epoch's
             random permutation before it is cut into batches (a pure function of perm,
             so resuming stays exact), e.g. ``nearfar.data.DistinctGroupBatches`` to keep
-            duplicates out of one batch.
+            duplicates out of one batch. With several processes it gets the global
+            batch size (``batch_size * world_size``).
+
+    Launched by ``torchrun`` (``RANK`` / ``WORLD_SIZE`` in the environment) the Trainer
+    joins the process group on construction (gloo on the CPU, NCCL on CUDA, see
+    :mod:`nearfar.train.launch`) and trains with ``DistributedDataParallel``; every
+    process must construct it with the same method, data and config.
     """
 
     def __init__(self, method: Any, data: Any, config: TrainConfig | None = None, *,
@@ -155,24 +197,38 @@ class Trainer:
                              f"perm, got {type(batch_order).__name__}")
         self.batch_order = batch_order
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.device = resolve_device(cfg.device)
+        init_distributed(cfg.device)    # joins torchrun's process group; no-op otherwise
+        self.world_size = world_size() if is_distributed() else 1
+        self.rank = rank() if is_distributed() else 0
+        self.device = process_device(cfg.device) if self.world_size > 1 \
+            else resolve_device(cfg.device)
 
         images, labels, extras = _unpack_data(data)
         self.n_items = int(images.shape[0])
-        if cfg.batch_size > self.n_items:
-            raise ValueError(f"TrainConfig.batch_size: {cfg.batch_size} is larger than the "
-                             f"dataset ({self.n_items} items); use a smaller batch_size")
+        self.global_batch = cfg.batch_size * self.world_size
+        if self.global_batch > self.n_items:
+            many = "" if self.world_size == 1 else \
+                f" x {self.world_size} processes = {self.global_batch} items per global batch"
+            raise ValueError(f"TrainConfig.batch_size: {cfg.batch_size}{many} is larger than "
+                             f"the dataset ({self.n_items} items); use a smaller batch_size")
         on_device = cfg.data_on_device
         self._images = images.to(self.device) if on_device else images
         self._labels = None if labels is None else (labels.to(self.device) if on_device
                                                     else labels)
         self._extras = {k: v.to(self.device) if on_device else v for k, v in extras.items()}
-        self.micro_per_epoch = self.n_items // cfg.batch_size
+        self.micro_per_epoch = self.n_items // self.global_batch
         if cfg.epochs is not None:
             self.total_steps = max(1, round(cfg.epochs * self.micro_per_epoch / cfg.accumulate))
         else:
             self.total_steps = cfg.steps
 
+        if cfg.sync_batchnorm and self.world_size > 1:
+            if self.device.type == "cpu":
+                raise ValueError("TrainConfig.sync_batchnorm: PyTorch's SyncBatchNorm runs on "
+                                 "GPUs only; train on CUDA, or set sync_batchnorm=false (each "
+                                 "process then normalises over its own batch_size items)")
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            self.method = method
         method.to(self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else \
             torch.contiguous_format
@@ -198,6 +254,15 @@ class Trainer:
                                       min_lr_ratio=cfg.min_lr_ratio)
         self.data_generator = torch.Generator()
         self.views_generator = torch.Generator(device=self.device)
+        self._ddp: DistributedDataParallel | None = None
+        if self.world_size > 1:
+            # find_unused_parameters: some methods leave parameters without a gradient on
+            # some steps (DINO's frozen prototypes), which would otherwise stall the
+            # all-reduce; the cost is one walk over the autograd graph per step
+            self._ddp = DistributedDataParallel(
+                _LossModule(method),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         self.guard = CollapseGuard(cfg.collapse_std, cfg.collapse_patience)
         self.views_per_item = int(getattr(method, "views_per_item", 1))
 
@@ -220,20 +285,25 @@ class Trainer:
 
     # ----------------------------------------------------------------- data
     def _next_indices(self) -> Tensor:
+        """This process's ``batch_size`` indices of the next global batch: every process
+        draws the same permutation and takes its own slice (process r: items r*b..r*b+b-1
+        of each global batch of b * world_size)."""
         bs = self.config.batch_size
-        if self.perm is None or self.cursor + bs > self.n_items:
+        gb = self.global_batch
+        if self.perm is None or self.cursor + gb > self.n_items:
             if self.perm is not None:
                 self.epoch += 1
             self.perm = torch.randperm(self.n_items, generator=self.data_generator)
             if self.batch_order is not None:
-                perm = self.batch_order(self.perm, bs)
+                perm = self.batch_order(self.perm, gb)
                 if not isinstance(perm, Tensor) or perm.shape != self.perm.shape:
                     raise ValueError(f"batch_order: expected a permutation of shape "
                                      f"({self.n_items},), got {getattr(perm, 'shape', perm)}")
                 self.perm = perm
             self.cursor = 0
-        idx = self.perm[self.cursor:self.cursor + bs]
-        self.cursor += bs
+        start = self.cursor + self.rank * bs
+        idx = self.perm[start:start + bs]
+        self.cursor += gb
         return idx
 
     def _batch(self, idx: Tensor) -> dict[str, Any]:
@@ -254,8 +324,17 @@ class Trainer:
         return nullcontext()
 
     # ---------------------------------------------------------------- state
+    def _rng_state(self) -> dict[str, Any]:
+        """This process's random states: torch / python / numpy globals and the views."""
+        return {**capture_global_rng(), "data": self.data_generator.get_state(),
+                "views": self.views_generator.get_state()}
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights, as tensors and plain data (weights_only-safe)."""
+        """Everything but the weights, as tensors and plain data (weights_only-safe).
+
+        ``rng`` holds this process's random states; a checkpoint written by several
+        processes also holds ``rank_rng``, every process's, in rank order.
+        """
         return {
             "format": STATE_FORMAT,
             "step": self.step,
@@ -264,17 +343,40 @@ class Trainer:
             "perm": self.perm,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {**capture_global_rng(), "data": self.data_generator.get_state(),
-                    "views": self.views_generator.get_state()},
+            "rng": self._rng_state(),
             "collapse_streak": self.guard.streak,
             "elapsed_s": self.elapsed_s + self._loop_time(),
             "images_seen": self.images_seen,
             "total_steps": self.total_steps,
             "n_items": self.n_items,
+            "world_size": self.world_size,
             "config": self.config.to_dict(),
         }
 
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` plus every process's random states (a collective: every
+        process calls it; process 0's copy is the one written)."""
+        state = self.state_dict()
+        if self.world_size > 1:
+            every: list[Any] = [None] * self.world_size
+            dist.all_gather_object(every, state["rng"])
+            state["rank_rng"] = every
+        return state
+
     def _check_compatible(self, state: dict[str, Any], where: Path) -> None:
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world_size and not self.config.allow_world_size_change:
+            bs = self.config.batch_size
+            raise CheckpointError(
+                f"{where}: written by {saved_world} process(es), but this run has "
+                f"{self.world_size}; the global batch would change from {bs} x {saved_world} "
+                f"to {bs} x {self.world_size} and the per-process random states would not "
+                f"line up, so the resume would not continue the same run. Resume with "
+                f"{saved_world} process(es) in all (torchrun --nproc_per_node / --nnodes), "
+                f"or opt in with trainer.allow_world_size_change=true "
+                f"(TrainConfig(allow_world_size_change=True)) to continue with "
+                f"{self.world_size} (the data order carries on; processes beyond the "
+                f"saved ones start fresh random states)")
         saved = state.get("config", {})
         for key in _RESUME_KEYS:
             mine = getattr(self.config, key)
@@ -309,9 +411,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
-        restore_global_rng(rng)
-        self.data_generator.set_state(rng["data"])
-        self.views_generator.set_state(rng["views"])
+        every = state.get("rank_rng") or [rng]
+        self.data_generator.set_state(rng["data"])      # one data order for all processes
+        if self.rank < len(every):
+            restore_global_rng(every[self.rank])
+            self.views_generator.set_state(every[self.rank]["views"])
+        else:   # a process the checkpoint did not have (allow_world_size_change)
+            self._seed_process(offset=int(state["step"]))
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
@@ -320,22 +426,33 @@ class Trainer:
         self.elapsed_s = float(state["elapsed_s"])
         self.images_seen = int(state["images_seen"])
 
-    def _fresh_start(self) -> None:
-        seed = self.config.seed
+    def _seed_process(self, offset: int = 0) -> None:
+        """This process's global and views generators: process 0 at ``seed`` and
+        ``seed + 1`` (as a single process), process r at ``+ r * RANK_SEED_STRIDE``."""
+        seed = self.config.seed + self.rank * RANK_SEED_STRIDE + offset
         seed_everything(seed)
-        self.data_generator.manual_seed(seed)
         self.views_generator.manual_seed(seed + 1)
+
+    def _fresh_start(self) -> None:
+        self._seed_process()
+        self.data_generator.manual_seed(self.config.seed)
         self.step = self.epoch = self.cursor = self.images_seen = 0
         self.perm = None
         self.elapsed_s = 0.0
         self.guard.streak = 0
 
     def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint (process 0; with several processes every one must call this,
+        since it gathers their random states). Returns its directory."""
         if self.run_dir is None:
             return None
-        self.last_checkpoint = save_checkpoint(
-            self.run_dir, self.step, self.method.state_dict(), self.state_dict(),
-            keep=self.config.keep_checkpoints, metadata={"step": str(self.step)})
+        state = self._checkpoint_state()
+        if self.rank == 0:
+            self.last_checkpoint = save_checkpoint(
+                self.run_dir, self.step, self.method.state_dict(), state,
+                keep=self.config.keep_checkpoints, metadata={"step": str(self.step)})
+        else:
+            self.last_checkpoint = self.run_dir / step_dir_name(self.step)
         return self.last_checkpoint
 
     # -------------------------------------------------------------- records
@@ -359,6 +476,8 @@ class Trainer:
             info: dict[str, Any] = {
                 "config": self.config.to_dict(),
                 "total_steps": self.total_steps,
+                "world_size": self.world_size,
+                "global_batch_size": self.global_batch * self.config.accumulate,
                 "device": str(self.device),
                 "torch": torch.__version__,
                 "method": self.method.describe(),
@@ -373,7 +492,7 @@ class Trainer:
             atomic_write_json(self.run_dir / RUN_INFO, info)
 
     def _open_tensorboard(self):
-        if not self.config.tensorboard or self.run_dir is None:
+        if not self.config.tensorboard or self.run_dir is None or self.rank != 0:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -407,29 +526,93 @@ class Trainer:
         finally:
             torch.set_num_threads(threads_before)
 
+    def _find_checkpoint(self, resume: bool | str
+                         ) -> tuple[dict[str, Tensor], dict[str, Any], Path] | None:
+        """The verified checkpoint to continue from, None to start fresh, or an error."""
+        if self.run_dir is None:
+            if resume:
+                raise ValueError("resume: needs a run_dir to resume from")
+            return None
+        index = read_index(self.run_dir)
+        if resume and (index is not None or isinstance(resume, str)):
+            name = resume if isinstance(resume, str) else None
+            return load_checkpoint(self.run_dir, name)
+        if not resume and index is not None:
+            raise CheckpointError(
+                f"{self.run_dir} already holds checkpoints (latest "
+                f"{index.get('latest')}); pass fit(resume=True) to continue that run, "
+                f"or use a new run_dir")
+        return None
+
+    def _shared_checkpoint(self, resume: bool | str
+                           ) -> tuple[dict[str, Tensor], dict[str, Any], Path] | None:
+        """:meth:`_find_checkpoint` on process 0, sent to every process, so that all
+        continue from the same checkpoint (or all raise the same error), also when the
+        run directory is on process 0's machine only."""
+        if self.world_size == 1:
+            return self._find_checkpoint(resume)
+        payload: Any = None
+        if self.rank == 0:
+            try:
+                payload = ("ok", self._find_checkpoint(resume))
+            except (CheckpointError, ValueError) as exc:
+                payload = ("error", type(exc), str(exc))
+        box = [payload]
+        dist.broadcast_object_list(box, src=0)
+        payload = box[0]
+        if payload[0] == "error":
+            raise payload[1](payload[2])
+        return payload[1]
+
+    def _agree_to_stop(self, mine: bool) -> bool:
+        """True on every process when any wants to stop (the time budget is measured by
+        each process's clock; all must leave the loop at the same step)."""
+        if self.world_size == 1:
+            return mine
+        flag = torch.tensor([1.0 if mine else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _mean_over_processes(self, values: dict[str, Any]) -> dict[str, float]:
+        """Metrics averaged over the processes (keys every process logged)."""
+        mine = {k: float(v) for k, v in values.items()}
+        if self.world_size == 1:
+            return mine
+        every: list[Any] = [None] * self.world_size
+        dist.all_gather_object(every, mine)
+        keys = [k for k in mine if all(k in d for d in every)]
+        return {k: sum(d[k] for d in every) / self.world_size for k in keys}
+
+    def _forward_backward(self, batch: dict[str, Any], accumulate: int, sync: bool
+                          ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+        """One micro-batch: the method's loss (through DDP with several processes; the
+        gradient all-reduce runs on the last micro-batch of a step only), backward."""
+        ddp = self._ddp
+        with nullcontext() if ddp is None or sync else ddp.no_sync():
+            with self._autocast():
+                if ddp is None:
+                    out = self.method.loss(batch, generator=self.views_generator)
+                    loss, emb, metrics = out.loss, out.embeddings, out.metrics
+                else:
+                    loss, emb, metrics = ddp(batch, self.views_generator)
+            (loss if accumulate == 1 else loss / accumulate).backward()
+        return loss.detach(), emb, metrics
+
     def _fit(self, resume: bool | str, stop_at_step: int | None) -> FitResult:
         t_call = time.perf_counter()
         cfg = self.config
+        lead = self.rank == 0           # the process that writes records and shows progress
         resumed = False
         if not self._started:
-            if self.run_dir is not None:
-                index = read_index(self.run_dir)
-                if resume and (index is not None or isinstance(resume, str)):
-                    name = resume if isinstance(resume, str) else None
-                    weights, state, where = load_checkpoint(self.run_dir, name)
-                    self.load_state_dict(weights, state, where)
-                    self.last_checkpoint = where
-                    resumed = True
-                elif not resume and index is not None:
-                    raise CheckpointError(
-                        f"{self.run_dir} already holds checkpoints (latest "
-                        f"{index.get('latest')}); pass fit(resume=True) to continue that run, "
-                        f"or use a new run_dir")
-            elif resume:
-                raise ValueError("resume: needs a run_dir to resume from")
-            if not resumed:
+            found = self._shared_checkpoint(resume)
+            if found is not None:
+                weights, state, where = found
+                self.load_state_dict(weights, state, where)
+                self.last_checkpoint = where
+                resumed = True
+            else:
                 self._fresh_start()
-            if self.run_dir is not None:
+            if self.run_dir is not None and lead:
                 self._prepare_records(resumed)
             self._started = True
 
@@ -438,15 +621,15 @@ class Trainer:
                                                                      int(stop_at_step))
         writer = self._open_tensorboard()
         metrics_file = open(self.run_dir / METRICS, "a", encoding="utf-8") \
-            if self.run_dir is not None else None
+            if self.run_dir is not None and lead else None
         bar = None
-        if cfg.progress:
+        if cfg.progress and lead:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step,
                        desc=getattr(self.method, "name", "train"), unit="step",
                        dynamic_ncols=True)
-        items_per_step = cfg.batch_size * cfg.accumulate
+        items_per_step = self.global_batch * cfg.accumulate
         last_loss: float | None = None
         stopped = "completed" if end_step == self.total_steps else "stop_at_step"
         self.method.train()
@@ -454,22 +637,26 @@ class Trainer:
         t_log, step_log = self._loop_start, self.step
         try:
             while self.step < end_step:
-                if cfg.time_budget_s and self.elapsed_s + self._loop_time() >= cfg.time_budget_s:
+                if cfg.time_budget_s and self._agree_to_stop(
+                        self.elapsed_s + self._loop_time() >= cfg.time_budget_s):
                     stopped = "time_budget"
                     break
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_sum = None
-                out = None
-                for _ in range(cfg.accumulate):
+                emb = None
+                metrics: dict[str, Any] = {}
+                for micro in range(cfg.accumulate):
                     batch = self._batch(self._next_indices())
-                    with self._autocast():
-                        out = self.method.loss(batch, generator=self.views_generator)
-                    micro = out.loss if cfg.accumulate == 1 else out.loss / cfg.accumulate
-                    micro.backward()
-                    d = out.loss.detach()
+                    d, emb, metrics = self._forward_backward(
+                        batch, cfg.accumulate, sync=micro == cfg.accumulate - 1)
                     loss_sum = d if loss_sum is None else loss_sum + d
-                loss_value = float(loss_sum) / cfg.accumulate
+                if self.world_size > 1:
+                    # the mean over processes; a NaN on any process reaches every process,
+                    # so all stop together before the update
+                    loss_sum = loss_sum.clone()
+                    dist.all_reduce(loss_sum)
+                loss_value = float(loss_sum) / (cfg.accumulate * self.world_size)
                 check_finite_loss(loss_value, self.step + 1, lr=lr, precision=cfg.precision,
                                   last_checkpoint=None if self.last_checkpoint is None
                                   else str(self.last_checkpoint))
@@ -483,7 +670,9 @@ class Trainer:
                 self.images_seen += items_per_step
                 last_loss = loss_value
                 self.method.after_step(self.step / self.total_steps)
-                spread = self.guard.update(out.embeddings, self.step)
+                if emb is not None and self.world_size > 1 and self.guard.threshold > 0:
+                    emb = all_gather_no_grad(emb)   # one spread, one decision for all
+                spread = self.guard.update(emb, self.step)
 
                 if self.step % cfg.log_every == 0 or self.step == end_step:
                     now = time.perf_counter()
@@ -498,8 +687,7 @@ class Trainer:
                         record["spread"] = spread
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm)
-                    for k, v in out.metrics.items():
-                        record[k] = float(v)
+                    record.update(self._mean_over_processes(metrics))
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
@@ -529,16 +717,23 @@ class Trainer:
         self.elapsed_s += train_time
         self._loop_start = None
         steps_run = self.step - start_step
+        if self.world_size > 1:
+            # each process's last forward updated its own BatchNorm statistics; all end
+            # with process 0's (the ones written), as DDP gives them before every step
+            for buf in self.method.buffers():
+                dist.broadcast(buf, src=0)
         if self.run_dir is not None and steps_run > 0:
             if self.last_checkpoint is None or \
                     self.last_checkpoint.name != step_dir_name(self.step):
                 self.save_checkpoint()
-            export_weights(self.run_dir, self.method.state_dict(), self.step,
-                           metadata={"step": str(self.step)})
+            if lead:
+                export_weights(self.run_dir, self.method.state_dict(), self.step,
+                               metadata={"step": str(self.step)})
         images = steps_run * items_per_step
         rate = images / train_time if train_time > 0 else math.nan
         return FitResult(
             step=self.step, steps_run=steps_run, wall_time_s=time.perf_counter() - t_call,
             train_time_s=train_time, final_loss=last_loss, images_per_s=rate,
             views_per_s=rate * self.views_per_item, stopped=stopped,
-            run_dir=None if self.run_dir is None else str(self.run_dir))
+            run_dir=None if self.run_dir is None else str(self.run_dir),
+            world_size=self.world_size)
