@@ -485,3 +485,13 @@ def test_cli_audit_errors_are_one_line(audit_run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["audit", str(audit_run_dir), "--group-by", "group", "--target-fmr", "2"])
     assert e.value.code == 2
+
+
+def test_binomial_tail_matches_scipy():
+    from scipy.stats import binomtest
+
+    from nearfar.audit.leakage import binomial_tail
+
+    for k, n, p in [(0, 10, 0.5), (7, 10, 0.5), (60, 100, 0.5), (95, 120, 0.7), (3, 3, 0.9)]:
+        expected = binomtest(k, n, p, alternative="greater").pvalue
+        assert binomial_tail(k, n, p) == pytest.approx(expected, rel=1e-9, abs=1e-300)

@@ -74,7 +74,7 @@ def _fmr(text: str) -> float:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``nearfar audit`` to the top-level parser's subcommands."""
-    from nearfar.audit.run import SHIFTS
+    from nearfar.audit.shifts import SHIFTS
 
     p = sub.add_parser(
         "audit", help="audit a run: subgroups, neighbours, thresholds, prompts, shift, leakage",

@@ -14,18 +14,34 @@ held-out correct count against the larger reference gives p < ``alpha``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest
-from sklearn.model_selection import StratifiedGroupKFold
 
 from nearfar.audit.groups import AuditError, encode
 from nearfar.evaluate.inputs import as_embeddings
 from nearfar.evaluate.linear_probe import linear_probe
 
 
+def binomial_tail(successes: int, trials: int, p: float) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, p): the one-sided binomial test's p-value."""
+    if successes <= 0:
+        return 1.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    logs = [math.lgamma(trials + 1) - math.lgamma(i + 1) - math.lgamma(trials - i + 1)
+            + i * math.log(p) + (trials - i) * math.log1p(-p)
+            for i in range(successes, trials + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
 def _folds(y: np.ndarray, units: np.ndarray, n_splits: int, seed: int):
+    from sklearn.model_selection import StratifiedGroupKFold
+
     unit_label: dict[int, int] = {}
     for u, v in zip(units.tolist(), y.tolist()):
         unit_label.setdefault(u, v)
@@ -103,8 +119,7 @@ def attribute_leakage(emb, sensitive, *, subjects=None, n_splits: int = 5,
     majority = majority_correct / total
     control = control_correct / total
     reference = max(majority, control)
-    p = float(binomtest(correct, total, min(max(reference, 1e-9), 1 - 1e-9),
-                        alternative="greater").pvalue) if probe < 1.0 or reference < 1 else 1.0
+    p = binomial_tail(correct, total, reference)
     flagged = bool(probe - reference > margin and p < alpha)
     return {
         "probe_accuracy": probe, "majority_baseline": majority, "control_accuracy": control,

@@ -16,8 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 
 from nearfar.audit.groups import AuditError, encode
 from nearfar.audit.item_scores import knn_item_scores
@@ -35,6 +33,9 @@ def domain_classifier(in_emb, shifted_emb, *, in_units=None, shifted_units=None,
         test_fraction: share of units held out.
         seed: split seed.
     """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
     a = as_embeddings(in_emb, "in_emb").numpy().astype(np.float64)
     b = as_embeddings(shifted_emb, "shifted_emb", dim=a.shape[1]).numpy().astype(np.float64)
     if in_units is None:

@@ -94,8 +94,8 @@ def _map_figure(plots: dict[str, Any]) -> str | None:
         ax.set_title(f"PCA of the embeddings, coloured by {title}")
         ax.set_xlabel(f"PC 1 ({var[0]:.0%} of variance)")
         ax.set_ylabel(f"PC 2 ({var[1]:.0%} of variance)")
-        if len(names) <= 20:
-            ax.legend(fontsize=7, markerscale=2, loc="best")
+        if len(names) <= 20:   # outside the axes: "best" placement scans every point
+            ax.legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _figure_png(fig)
 
 
