@@ -455,6 +455,15 @@ def test_cli_audit_end_to_end(audit_run_dir, capsys):
     assert rec["sections"]["ood"]["gap"] < 0
     assert find_t_star(audit_run_dir)[0] == pytest.approx(rec["t_star"])
     assert "T* =" in out and "wrote" in out
+    import nearfar.card as card_module
+
+    if hasattr(card_module, "attach_audit"):             # audits attach to the card by sha256
+        from nearfar.durable import sha256_file
+
+        entries = [a for a in card_module.read_card(audit_run_dir).get("audits", [])
+                   if a["path"] == "audit.json"]
+        assert entries and entries[-1]["sha256"] == sha256_file(audit_run_dir / "audit.json")
+        assert rec["summary"]["flagged"] == entries[-1]["summary"]["flagged"]
     page = (audit_run_dir / "audit.html").read_text()
     assert _external_urls(page) == [] and "<script" not in page
     assert page.count("data:image/png;base64,") >= 3     # map, bars, threshold curves

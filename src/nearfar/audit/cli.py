@@ -59,6 +59,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print("no flags")
     for path in paths.values():
         print(f"wrote {path}")
+    print(f"card: {record['card']}")
     return 1 if args.fail_on_flag and record["flags"] else 0
 
 

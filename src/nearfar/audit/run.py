@@ -145,22 +145,23 @@ def audit_run(run_dir: str | os.PathLike, *, group_by: str, data: dict[str, Any]
     })
     out_dir = Path(out) if out is not None else run
     paths = write_report(out_dir, record, result.plots, html_report=html)
-    attached = _attach(run, paths["json"])
-    if attached is not None:
-        record["card_attachment"] = attached
+    record["card"] = _attach(run, paths["json"])
     return paths, record
 
 
-def _attach(run: Path, audit_path: Path) -> Any:
-    """Attach the audit to the run's card when the card module offers ``attach_audit``."""
-    try:
-        from nearfar import card
-    except ImportError:  # pragma: no cover
-        return None
+def _attach(run: Path, audit_path: Path) -> str:
+    """Attach the audit to the run's card (by sha256) when the card module offers
+    ``attach_audit``; says what happened (a run without a card keeps its audit file)."""
+    from nearfar import card
+
     attach = getattr(card, "attach_audit", None)
     if not callable(attach):
-        return None
-    return attach(run, audit_path)
+        return "not attached: this nearfar has no card.attach_audit"
+    try:
+        entry = attach(run, audit_path)
+    except (FileNotFoundError, ValueError) as exc:
+        return f"not attached: {exc}"
+    return f"attached to {run / card.CARD_JSON} (sha256 {str(entry.get('sha256'))[:12]}...)"
 
 
 __all__ = ["AUDIT_JSON", "SHIFTS", "audit_run", "corrupt"]

@@ -71,6 +71,26 @@ def pca_2d(emb) -> tuple[np.ndarray, list[float]]:
     return coords, [float(v) for v in var[:2]]
 
 
+def _summary(sections: dict[str, Any], flags: list[dict[str, Any]], target_fmr: float
+             ) -> dict[str, Any]:
+    """A few headline numbers (what a card shows next to the audit's hash)."""
+    out: dict[str, Any] = {
+        "flags": len(flags),
+        "flagged": sorted({f"{f['kind']}:{f['group']}" if f.get("group") else f["kind"]
+                           for f in flags}),
+    }
+    if "subgroup" in sections:
+        b = sections["subgroup"]["metrics"]["knn_correct"]["between_groups"]
+        out.update(knn_worst_group=b["worst"], knn_max_gap=round(b["max_gap"], 6))
+    if "threshold" in sections:
+        out.update(t_star=round(sections["threshold"]["t_star"], 6), target_fmr=target_fmr)
+    if "leakage" in sections:
+        out["leakage_selectivity"] = round(sections["leakage"]["selectivity"], 6)
+    if "ood" in sections:
+        out["ood_gap"] = round(sections["ood"]["gap"], 6)
+    return out
+
+
 def audit_embeddings(emb, *, groups, labels=None, subjects=None, sensitive=None,
                      shifted: ShiftedSet | None = None, prompts: PromptSet | None = None,
                      k: int = 10, temperature: float = 0.07,
@@ -172,7 +192,9 @@ def audit_embeddings(emb, *, groups, labels=None, subjects=None, sensitive=None,
         skipped["leakage"] = "no sensitive column given (--sensitive)"
 
     record: dict[str, Any] = {
+        "kind": "audit",
         "audit_version": AUDIT_VERSION,
+        "summary": _summary(sections, flags, target_fmr),
         "t_star": sections["threshold"]["t_star"] if "threshold" in sections else None,
         "target_fmr": float(target_fmr),
         "n_items": n, "dim": int(x.shape[1]),
