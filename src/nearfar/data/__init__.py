@@ -80,6 +80,20 @@ from nearfar.data.shapes import load_shapes, predefined_split  # noqa: E402
 __all__ += ["load_mnist5k_captions", "load_shapes", "predefined_split", "prompt_templates",
             "register_prompts", "with_captions"]
 
+# text pairs for dual encoders (issue 4): the stdlib (docstring, code) corpus, JSONL/CSV
+# pairs, group splits; registers the dataset name "stdlib_code"
+from nearfar.data.text_pairs import (  # noqa: E402
+    TextPairDataset,
+    TextPairError,
+    group_split,
+    load_text_pairs,
+    stdlib_code_pairs,
+)
+
+register_dataset("stdlib_code", stdlib_code_pairs)
+__all__ += ["TextPairDataset", "TextPairError", "group_split", "load_text_pairs",
+            "stdlib_code_pairs"]
+
 # tar shards (the webdataset format) for data larger than memory: write, read fully, stream
 from nearfar.data.shards import (  # noqa: E402
     ShardReadError,

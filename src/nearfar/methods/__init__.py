@@ -35,3 +35,8 @@ __all__ += ["CPC"]
 from nearfar.methods.clip import CLIP  # noqa: E402
 
 __all__ += ["CLIP"]
+
+# dual encoder for text pairs (issue 4); registers "dual_encoder"
+from nearfar.methods.dual_encoder import DualEncoder  # noqa: E402
+
+__all__ += ["DualEncoder"]

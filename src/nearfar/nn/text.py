@@ -315,22 +315,67 @@ class WordTokenizer(_Tokenizer):
                 "lowercase": self.lowercase}
 
 
+_CODE_PIECE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+|[^\w\s]")
+
+
+class CodeTokenizer(WordTokenizer):
+    """A :class:`WordTokenizer` for source code and its documentation: identifiers are split
+    into their parts (``get_source_segment`` -> get | source | segment, ``HTTPServer`` ->
+    http | server), so that the words of a docstring meet the names in code; underscores
+    are dropped, other punctuation is one token per mark. Case is used for splitting and
+    then dropped (``lowercase``).
+    """
+
+    kind = "code"
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], *, min_count: int = 1,
+                   max_size: int | None = None, lowercase: bool = True) -> CodeTokenizer:
+        """Vocabulary of the pieces seen at least ``min_count`` times, most frequent first
+        (ties in alphabetical order), at most ``max_size``; deterministic."""
+        texts = _check_texts(texts)
+        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+            raise ValueError(f"min_count: expected an integer >= 1, got {min_count!r}")
+        counts = Counter(p.lower() if lowercase else p
+                         for t in texts for p in _CODE_PIECE.findall(t))
+        words = sorted((w for w, c in counts.items() if c >= min_count),
+                       key=lambda w: (-counts[w], w))
+        if max_size is not None:
+            words = words[:max_size]
+        if not words:
+            raise ValueError(f"texts: no piece occurs at least {min_count} time(s)")
+        return cls(words, lowercase=lowercase)
+
+    def _pieces(self, text: str) -> list[str]:
+        return _CODE_PIECE.findall(text)
+
+    def ids(self, text: str) -> list[int]:
+        get = self.index.get
+        pieces = self._pieces(text)
+        if self.lowercase:
+            pieces = [p.lower() for p in pieces]
+        return [get(p, UNK_ID) for p in pieces]
+
+
 Tokenizer = CharTokenizer | WordTokenizer
-TOKENIZERS: dict[str, type[_Tokenizer]] = {"char": CharTokenizer, "word": WordTokenizer}
+TOKENIZERS: dict[str, type[_Tokenizer]] = {"char": CharTokenizer, "word": WordTokenizer,
+                                           "code": CodeTokenizer}
 
 
 def tokenizer_from_state(state: Mapping[str, Any]) -> CharTokenizer | WordTokenizer:
     """Rebuild a tokenizer from its ``state_dict()`` (e.g. read back from JSON)."""
     if not isinstance(state, Mapping) or state.get("kind") not in TOKENIZERS:
         kind = state.get("kind") if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(f"tokenizer state: expected kind 'char' or 'word', got {kind!r}")
+        raise ValueError(f"tokenizer state: expected kind 'char', 'word' or 'code', got "
+                         f"{kind!r}")
     if state.get("version", STATE_VERSION) != STATE_VERSION:
         raise ValueError(f"tokenizer state: version {state.get('version')!r} is not supported "
                          f"(expected {STATE_VERSION})")
     lowercase = bool(state.get("lowercase", True))
     if state["kind"] == "char":
         return CharTokenizer(state.get("alphabet"), lowercase=lowercase)
-    return WordTokenizer(state.get("words") or [], lowercase=lowercase)
+    cls = CodeTokenizer if state["kind"] == "code" else WordTokenizer
+    return cls(state.get("words") or [], lowercase=lowercase)
 
 
 def build_tokenizer(spec: Any = "char", *, vocabulary: Sequence[str] | None = None
@@ -348,14 +393,14 @@ def build_tokenizer(spec: Any = "char", *, vocabulary: Sequence[str] | None = No
         return tokenizer_from_state(spec)
     if spec == "char":
         return CharTokenizer(None if vocabulary is None else vocabulary)
-    if spec == "word":
+    if spec in ("word", "code"):
         if not vocabulary:
             raise ValueError("vocabulary: a word tokenizer needs its list of words (or build "
                              "one with WordTokenizer.from_texts(captions))")
         if isinstance(vocabulary, str):
             vocabulary = vocabulary.split()
-        return WordTokenizer(vocabulary)
-    raise ValueError(f"tokenizer: expected 'char', 'word', a tokenizer or its state dict, "
+        return (CodeTokenizer if spec == "code" else WordTokenizer)(vocabulary)
+    raise ValueError(f"tokenizer: expected 'char', 'word', 'code', a tokenizer or its state dict, "
                      f"got {spec!r}")
 
 
@@ -445,7 +490,7 @@ class TextTransformer(nn.Module):
 
 
 __all__ = [
-    "BOS", "DEFAULT_ALPHABET", "EOS", "PAD", "SPECIALS", "UNK", "CharTokenizer",
+    "BOS", "DEFAULT_ALPHABET", "EOS", "PAD", "SPECIALS", "UNK", "CharTokenizer", "CodeTokenizer",
     "TextTransformer", "Tokenizer", "WordTokenizer", "build_tokenizer", "texts_to_utf8",
     "tokenizer_from_state", "utf8_to_texts",
 ]

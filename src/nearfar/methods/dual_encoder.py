@@ -1,0 +1,281 @@
+"""A dual encoder for text pairs (query -> document retrieval, e.g. docstring -> code):
+each query must pick out its own document among the batch's documents and each document
+its own query, with in-batch negatives (DPR, Karpukhin et al., 2020; the symmetric form
+and learnable temperature of CLIP, Radford et al., 2021).
+
+A batch carries the texts as token ids (``batch["query_tokens"]``,
+``batch["document_tokens"]``, made once with this method's tokenizer by
+:meth:`DualEncoder.tokenize_dataset`) or as UTF-8 bytes (``batch["query"]``,
+``batch["document"]``, the form a :class:`~nearfar.data.TextPairDataset` keeps), which the
+method tokenizes itself.
+
+False negatives: two pairs of a batch with the same query text or the same document text
+(``"Return the name."`` documents many functions) are not used as each other's negatives:
+they are excluded from the softmax denominators, and the share of such pairs is logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nearfar.losses import LogitScale, info_nce
+from nearfar.methods.base import Method, StepOutput
+from nearfar.methods.registry import register_method
+from nearfar.nn import parameter_count
+from nearfar.nn.text import PAD_ID, TextTransformer, build_tokenizer, texts_to_utf8
+
+BACKBONES = ("transformer", "bag")
+
+
+def _positive_int(value: object, name: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def _trim(tokens: Tensor) -> Tensor:
+    """Drop the columns that are padding in every row (attention cost grows with L)."""
+    longest = int((tokens != PAD_ID).sum(1).max()) if tokens.numel() else 1
+    return tokens[:, :max(longest, 1)]
+
+
+class BagOfTokens(nn.Module):
+    """Weighted mean of token embeddings over the non-pad positions, plus a residual 2-layer
+    MLP: a fast, order-blind text encoder (fastText-like, Joulin et al., 2017).
+
+    Each token also has a learned weight (``exp`` of a scalar, initially 1) in the mean,
+    so training can learn an IDF-like down-weighting of common tokens. The MLP's last
+    layer starts at zero: at initialisation the encoder is a random projection of the
+    bag of tokens, whose cosine similarities already follow lexical overlap.
+
+    Args:
+        vocab_size: number of token ids.
+        width: embedding and hidden width; ``out_dim`` equals it.
+    """
+
+    def __init__(self, vocab_size: int, *, width: int = 128, pad_id: int = PAD_ID) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, width, padding_idx=pad_id)
+        self.log_weight = nn.Embedding(vocab_size, 1)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+        self.pad_id, self.out_dim, self.vocab_size = int(pad_id), int(width), int(vocab_size)
+        nn.init.normal_(self.embedding.weight, std=1.0 / width ** 0.5)
+        nn.init.zeros_(self.log_weight.weight)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+        with torch.no_grad():
+            self.embedding.weight[self.pad_id].zero_()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(B, L) token ids -> (B, width)."""
+        keep = (tokens != self.pad_id).to(self.embedding.weight.dtype)
+        w = self.log_weight(tokens).squeeze(-1).exp() * keep
+        h = (self.embedding(tokens) * w[..., None]).sum(1) / w.sum(1, keepdim=True
+                                                                  ).clamp(min=1e-6)
+        return h + self.mlp(h)
+
+
+def _same_text(rows: Tensor) -> Tensor:
+    """(B, W) uint8/int rows -> (B, B) bool: rows i and j hold the same text."""
+    _, ids = torch.unique(rows, dim=0, return_inverse=True)
+    return ids[:, None] == ids[None, :]
+
+
+@register_method("dual_encoder")
+class DualEncoder(Method):
+    """Query tower and document tower (shared by default) -> projections, contrasted in-batch.
+
+    Args:
+        tokenizer: ``"code"`` (words with identifiers split into parts; needs
+            ``vocabulary``), ``"word"``, ``"char"``, a tokenizer, or its ``state_dict()``.
+        vocabulary: the tokenizer's vocabulary (build one from the training texts with
+            ``CodeTokenizer.from_texts``; :func:`nearfar.api.train` does).
+        backbone: ``"transformer"`` (:class:`~nearfar.nn.text.TextTransformer`, mean
+            pooling) or ``"bag"`` (:class:`BagOfTokens`).
+        shared: one tower for queries and documents (a siamese dual encoder) or two.
+        query_length, document_length: token rows are cut to these (<bos>/<eos> included).
+        width, layers, heads, dropout: the towers.
+        embed_dim: dimension of the joint space (a linear projection per tower).
+        temperature: initial temperature (learnable, inverse capped at ``max_scale``).
+        exclude_duplicates: drop same-query / same-document pairs from the negatives.
+        seed: unused (no views); kept for the recipe interface.
+        tile: rows per tile of the exact memory-linear loss (None: automatic).
+    """
+
+    name = "dual_encoder"
+    modality = "text-text"
+    views_per_item = 1
+
+    def __init__(self, encoder: Any = None, views: Any = None, *, tokenizer: Any = "code",
+                 vocabulary: Sequence[str] | str | None = None, backbone: str = "transformer",
+                 shared: bool = True, query_length: int = 48, document_length: int = 192,
+                 width: int = 128, layers: int = 2, heads: int = 4, dropout: float = 0.0,
+                 embed_dim: int = 128, temperature: float = 0.05, max_scale: float = 100.0,
+                 exclude_duplicates: bool = True, encoder_kwargs: Any = None, seed: int = 0,
+                 tile: int | None = None) -> None:
+        super().__init__()
+        if encoder not in (None, "text", "text_transformer"):
+            raise ValueError(f"encoder: the dual encoder builds its own text towers (set "
+                             f"backbone = 'transformer' or 'bag'), got {encoder!r}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone: expected one of {', '.join(BACKBONES)}, got "
+                             f"{backbone!r}")
+        self.tokenizer = build_tokenizer(tokenizer, vocabulary=vocabulary)
+        self.query_length = _positive_int(query_length, "query_length", 2)
+        self.document_length = _positive_int(document_length, "document_length", 2)
+        width, embed_dim = _positive_int(width, "width"), _positive_int(embed_dim, "embed_dim")
+        self.backbone_name, self.shared = backbone, bool(shared)
+        self.settings = {"width": width, "layers": layers, "heads": heads, "dropout": dropout}
+
+        def tower() -> nn.Module:
+            if backbone == "bag":
+                return BagOfTokens(self.tokenizer.vocab_size, width=width)
+            return TextTransformer(self.tokenizer.vocab_size,
+                                   context_length=max(self.query_length, self.document_length),
+                                   width=width, layers=_positive_int(layers, "layers"),
+                                   heads=_positive_int(heads, "heads"), dropout=float(dropout),
+                                   pooling="mean")
+
+        self.encoder = tower()                      # the query tower (and documents if shared)
+        self.document_encoder = None if self.shared else tower()
+        self.projection = nn.Linear(width, embed_dim, bias=False)   # queries (and documents)
+        # a shared tower has one projection too: queries and documents start in one space
+        self.document_projection = None if self.shared else \
+            nn.Linear(width, embed_dim, bias=False)
+        self.embed_dim = embed_dim
+        self.logit_scale = LogitScale(temperature, max_scale=max_scale)
+        self.temperature, self.max_scale = float(temperature), float(max_scale)
+        self.exclude_duplicates = bool(exclude_duplicates)
+        self.tile = tile
+        self.seed = int(seed)
+
+    # ---------------------------------------------------------------- tokens
+    def tokenize(self, texts: Sequence[str] | str, side: str = "query") -> Tensor:
+        """Texts -> (B, L) token ids, cut at the side's length and padded to the longest."""
+        length = self.query_length if side == "query" else self.document_length
+        return _trim(self.tokenizer.encode(texts, length))
+
+    def tokenize_dataset(self, ds: Any) -> dict[str, Tensor]:
+        """Token ids of a whole :class:`~nearfar.data.TextPairDataset`, once (so the training
+        loop never tokenizes): ``{"query_tokens": (N, Lq), "document_tokens": (N, Ld)}``."""
+        return {"query_tokens": self.tokenizer.encode(ds.queries, self.query_length),
+                "document_tokens": self.tokenizer.encode(ds.documents, self.document_length)}
+
+    def _tokens(self, batch: dict[str, Any], side: str) -> Tensor:
+        tokens = batch.get(f"{side}_tokens")
+        if isinstance(tokens, Tensor):
+            return _trim(tokens)
+        rows = batch.get(side)
+        if not isinstance(rows, Tensor) or rows.dtype != torch.uint8 or rows.ndim != 2:
+            raise ValueError(f"batch: expected {side}_tokens (B, L) token ids or {side} "
+                             f"(B, W) uint8 UTF-8 rows (a TextPairDataset's extras), got "
+                             f"{type(rows).__name__ if not isinstance(rows, Tensor) else rows.shape}")
+        length = self.query_length if side == "query" else self.document_length
+        return _trim(self.tokenizer.encode_utf8(rows, length))
+
+    # ---------------------------------------------------------------- embeddings
+    def _embed_tokens(self, tokens: Tensor, side: str) -> Tensor:
+        if side == "query" or self.shared:
+            return self.projection(self.encoder(tokens))
+        return self.document_projection(self.document_encoder(tokens))
+
+    def _embed_texts(self, texts: Sequence[str] | str, side: str, batch_size: int) -> Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        device = self.logit_scale.logit_scale.device
+        was = self.training
+        self.eval()
+        out = []
+        try:
+            with torch.no_grad():
+                for i in range(0, len(texts), batch_size):
+                    tokens = self.tokenize(texts[i:i + batch_size], side).to(device)
+                    out.append(F.normalize(self._embed_tokens(tokens, side).float(), dim=1))
+        finally:
+            self.train(was)
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    def embed_queries(self, texts: Sequence[str] | str, *, batch_size: int = 256) -> Tensor:
+        """Texts -> (B, embed_dim) L2-normalised query embeddings."""
+        return self._embed_texts(texts, "query", batch_size)
+
+    def embed_documents(self, texts: Sequence[str] | str, *, batch_size: int = 256) -> Tensor:
+        """Texts -> (B, embed_dim) L2-normalised document embeddings."""
+        return self._embed_texts(texts, "document", batch_size)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """(B, L) query token ids, or (B, W) uint8 UTF-8 rows -> (B, embed_dim)."""
+        if x.dtype == torch.uint8:
+            x = self.tokenizer.encode_utf8(x, self.query_length)
+        return self._embed_tokens(_trim(x), "query")
+
+    # ---------------------------------------------------------------- objective
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
+             ) -> StepOutput:
+        q_tokens, d_tokens = self._tokens(batch, "query"), self._tokens(batch, "document")
+        if q_tokens.shape[0] != d_tokens.shape[0] or q_tokens.shape[0] < 2:
+            raise ValueError(f"batch: expected the same number (>= 2) of queries and documents, "
+                             f"got {q_tokens.shape[0]} and {d_tokens.shape[0]}")
+        q = self._embed_tokens(q_tokens, "query")
+        d = self._embed_tokens(d_tokens, "document")
+        n = q.shape[0]
+        idx = torch.arange(n, device=q.device)
+        metrics: dict[str, Any] = {}
+        exclude = None
+        if self.exclude_duplicates:
+            same = _same_text(q_tokens) | _same_text(d_tokens)
+            same.fill_diagonal_(False)
+            metrics["false_negative_rate"] = same.float().sum() / (n * (n - 1))
+            exclude = same if bool(same.any()) else None
+        temperature = 1.0 / self.logit_scale()
+        q2d = info_nce(q, d, idx, exclude=exclude, temperature=temperature, tile=self.tile)
+        d2q = info_nce(d, q, idx, exclude=None if exclude is None else exclude.T,
+                       temperature=temperature, tile=self.tile)
+        metrics["temperature"] = temperature.detach()
+        return StepOutput(loss=(q2d + d2q) / 2, metrics=metrics,
+                          embeddings=F.normalize(q.detach().float(), dim=1))
+
+    def after_step(self, progress: float) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        tower = {"backbone": self.backbone_name, **self.settings, "shared": self.shared,
+                 "query_length": self.query_length, "document_length": self.document_length,
+                 "parameters": parameter_count(self)}
+        return {
+            "method": self.name,
+            "objective": {
+                "name": "symmetric in-batch InfoNCE (query -> document and back) with a "
+                        "learnable temperature",
+                "reference": "Karpukhin et al., 2020 (DPR); Radford et al., 2021 (CLIP)",
+                "loss": "(CE(q_i -> d_i among the batch's documents) + CE(d_i -> q_i among "
+                        "the batch's queries)) / 2",
+                "initial_temperature": self.temperature, "max_inverse_temperature":
+                    self.max_scale,
+            },
+            "modality": self.modality,
+            "positive_construction": {
+                "kind": "paired texts",
+                "description": "a query and the document it belongs to (a docstring summary "
+                               "and the code of its function)",
+            },
+            "negative_construction": {
+                "kind": "in-batch",
+                "description": "the other documents of the batch for each query, the other "
+                               "queries for each document"
+                               + ("; pairs with the same query or document text are "
+                                  "excluded (not false negatives)"
+                                  if self.exclude_duplicates else ""),
+                "per_anchor": None if self.batch_size is None else self.batch_size - 1,
+            },
+            "tokenizer": self.tokenizer.describe(),
+            "towers": tower,
+            "embedding_dim": self.embed_dim,
+        }
+
+
+__all__ = ["BagOfTokens", "DualEncoder", "texts_to_utf8"]
