@@ -94,6 +94,8 @@ def gathered_offset(n_local: int, gathered: bool) -> int:
 def resolve_gather(gather: bool | None) -> bool:
     """``None`` means "gather when distributed with world size > 1"; a bool is kept,
     except that gathering is a no-op (False) in a world of one."""
+    if gather is not None and not isinstance(gather, bool):
+        raise ValueError(f"gather: expected None (automatic), True or False, got {gather!r}")
     if gather is None:
         return is_distributed()
     return bool(gather) and is_distributed()

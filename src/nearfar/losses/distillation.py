@@ -4,6 +4,12 @@
 (Chen & He, 2021); ``dino_loss`` with ``update_center`` is DINO's cross-entropy between
 a centred, sharpened teacher and the student (Caron et al., 2021). No negatives: the
 teacher's stop-gradient (and, for DINO, centring and sharpening) prevents collapse.
+
+Many processes (``torch.distributed``): both losses are means of per-sample terms, so
+each rank's mean over its own samples, averaged over ranks by DDP, is already the
+global loss and gradient; nothing is gathered. DINO's center is a statistic of the
+global batch: ``update_center(..., gather=True)`` all-reduces the teacher mean (no
+gradient flows there) so that every rank keeps the same center, as DINO does.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from nearfar import distributed
 
 from .checks import (
     check_finite,
@@ -21,6 +29,7 @@ from .checks import (
     check_tensor,
     check_view_logits,
 )
+from .collective import check_gather
 
 __all__ = ["negative_cosine", "dino_loss", "update_center", "DinoCenter"]
 
@@ -111,18 +120,22 @@ def dino_loss(student_logits: Tensor, teacher_logits: Tensor, center: Tensor, *,
 
 
 @torch.no_grad()
-def update_center(center: Tensor, teacher_logits: Tensor, momentum: float = 0.9) -> Tensor:
+def update_center(center: Tensor, teacher_logits: Tensor, momentum: float = 0.9, *,
+                  gather: bool = False) -> Tensor:
     """DINO's center update (Caron et al., 2021): an EMA of the teacher's batch mean.
 
         new_center = momentum * center + (1 - momentum) * mean over views and rows
 
     Without gradient; returns a new tensor (``center`` is untouched). In data-parallel
-    training average the batch mean across processes first, as DINO does.
+    training the batch mean is averaged across processes first (``gather=True``), as
+    DINO does, so every rank's center is the one-process center of the global batch.
 
     Args:
         center: (K,) current center.
         teacher_logits: (V_t, N, K) teacher logits of this batch.
         momentum: in [0, 1] (DINO: 0.9).
+        gather: under ``torch.distributed``, the mean over every rank's batch (an
+            all-reduce; every rank must pass the same N).
 
     Returns:
         (K,) new center.
@@ -130,7 +143,10 @@ def update_center(center: Tensor, teacher_logits: Tensor, momentum: float = 0.9)
     teacher_logits = check_view_logits(teacher_logits, "teacher_logits")
     center = _check_center(center, teacher_logits)
     momentum = check_fraction(momentum, "momentum", include_one=True)
+    gathering, _ = check_gather(gather, False)
     batch_center = teacher_logits.mean(dim=(0, 1))
+    if gathering:
+        batch_center = distributed.all_reduce_no_grad(batch_center, op="mean")
     return center * momentum + batch_center * (1.0 - momentum)
 
 
@@ -159,16 +175,20 @@ class DinoCenter(nn.Module):
         self.teacher_temperature = teacher_temperature
         self.register_buffer("center", torch.zeros(num_prototypes))
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        """(V_s, N, K) student and (V_t, N, K) teacher logits -> scalar loss."""
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, *,
+                gather: bool = False) -> Tensor:
+        """(V_s, N, K) student and (V_t, N, K) teacher logits -> scalar loss; ``gather``:
+        the center update averages the teacher mean over ranks (see ``update_center``)."""
         loss = dino_loss(student_logits, teacher_logits, self.center,
                          student_temperature=self.student_temperature,
                          teacher_temperature=self.teacher_temperature)
         if self.training:
-            self.update(teacher_logits)
+            self.update(teacher_logits, gather=gather)
         return loss
 
     @torch.no_grad()
-    def update(self, teacher_logits: Tensor) -> None:
-        """Move the center towards the mean of (V_t, N, K) teacher logits."""
-        self.center.copy_(update_center(self.center, teacher_logits, self.momentum))
+    def update(self, teacher_logits: Tensor, *, gather: bool = False) -> None:
+        """Move the center towards the mean of (V_t, N, K) teacher logits (of every
+        rank's batch with ``gather``)."""
+        self.center.copy_(update_center(self.center, teacher_logits, self.momentum,
+                                        gather=gather))

@@ -15,6 +15,17 @@ float64). `tile=None` takes the tiled path when N * M > `AUTO_TILE_ABOVE`, `tile
 the full matrix, `tile=k` uses k x k tiles. One tensor on both sides (nt_xent, supcon) and
 CLIP's two directions reuse every tile twice.
 
+Many processes (``torch.distributed``): `nt_xent`, `clip_loss` and `supcon` take
+``gather`` and ``local_loss``. ``gather=True`` gathers every rank's rows with gradients
+(`nearfar.distributed.all_gather_with_grad`: one all-gather whose backward sums the
+gradient over ranks), so the loss is that of one process on the concatenated batch;
+every rank must pass the same number of rows. ``local_loss=False`` computes that whole
+loss on every rank (the same value everywhere); ``local_loss=True`` scores only this
+rank's anchors against every rank's candidates (positives and the excluded self moved
+by ``rank_offset``), a mean over the local anchors: the mean over ranks is the global
+loss. Either way the gradient DDP averages over ranks is exactly the gradient of the
+one-process loss. Outside a process group (or a world of one) both keywords are no-ops.
+
 Why the threshold is low (2-core Xeon VM shared with other jobs, torch 2.13 CPU, float32,
 D = 128, nt_xent forward + backward, one intra-op thread; fresh process per cell, median of 3:
 ``python benchmarks/loss_memory.py --sizes 2048,8192,16384 --impls auto,full --threads 1``):
@@ -55,6 +66,7 @@ from .checks import (
     check_tensor,
     check_tile_size,
 )
+from .collective import all_gather_rows, all_gather_rows_no_grad, check_gather, gathered_offset
 from .temperature import CLIP_MAX_SCALE, LogitScale
 from .tiled import (
     TilePlan,
@@ -133,7 +145,7 @@ def partner_index(n: int, *, device: torch.device | str | None = None) -> Tensor
 
 
 def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5,
-            tile: int | None = None) -> Tensor:
+            tile: int | None = None, gather: bool = False, local_loss: bool = False) -> Tensor:
     """NT-Xent, the SimCLR objective (Chen et al., 2020).
 
     Each of the 2N views must pick out its partner among the other 2N - 1.
@@ -142,19 +154,45 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float | Tensor = 0.5,
         z1, z2: (N, D) embeddings of two views of the same N items; row i of z1 and row i
             of z2 are the positive pair. Cosine similarity.
         temperature: > 0 (number or learnable scalar tensor).
-        tile: as in `info_nce`.
+        tile: as in `info_nce`; with ``gather`` the tiles run over the gathered candidates.
+        gather: under ``torch.distributed``, the 2N views of every rank are the anchors'
+            candidates (the module docstring): the loss of one process on the
+            concatenated batch, every view picking out its partner among the 2WN - 1
+            others.
+        local_loss: with ``gather``, only this rank's 2N views are anchors (scored
+            against all 2WN views); the mean over ranks is the global loss.
 
     Returns:
-        Scalar loss, the mean over all 2N anchors.
+        Scalar loss, the mean over all 2N anchors (2WN with ``gather``; this rank's 2N
+        with ``local_loss``).
     """
     z1, z2 = check_pair(z1, z2, "z1", "z2")
+    check_tile_size(tile)
+    gathering, local = check_gather(gather, local_loss)
     z = torch.cat([z1, z2])
-    return info_nce(z, z, partner_index(len(z1), device=z.device), exclude=SELF,
-                    temperature=temperature, similarity="cosine", tile=tile)
+    if not gathering:
+        return info_nce(z, z, partner_index(len(z1), device=z.device), exclude=SELF,
+                        temperature=temperature, similarity="cosine", tile=tile)
+    # every rank's [z1; z2] block in rank order: views of rank r are rows 2N r .. 2N r + 2N
+    n2 = z.shape[0]
+    everyone = all_gather_rows(z)
+    partner = partner_index(len(z1), device=z.device)
+    scale = _inverse_temperature(temperature, z)
+    if local:
+        offset = gathered_offset(n2, True)
+        a, c = _embed(z, "cosine"), _embed(everyone, "cosine")
+        return _contrast(a, c, scale, index=partner + offset, exclude_self=True,
+                         self_offset=offset, tile=tile).mean()
+    blocks = everyone.shape[0] // n2
+    starts = torch.arange(blocks, device=z.device) * n2
+    index = (starts[:, None] + partner[None, :]).reshape(-1)
+    e = _embed(everyone, "cosine")
+    return _contrast(e, e, scale, index=index, exclude_self=True, tile=tile).mean()
 
 
 def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor | LogitScale | float, *,
-              tile: int | None = None) -> Tensor:
+              tile: int | None = None, gather: bool = False,
+              local_loss: bool = False) -> Tensor:
     """The symmetric contrastive loss of CLIP (Radford et al., 2021).
 
     Image i must pick out text i among the N texts, and text i image i among the N images;
@@ -165,13 +203,32 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor | LogitScale | fl
         logit_scale: log of the inverse temperature, a learnable scalar tensor (the scale
             used is ``logit_scale.exp().clamp(max=100)``), or a `LogitScale` module.
         tile: as in `info_nce` (each direction is tiled separately).
+        gather: under ``torch.distributed``, every rank's pairs are gathered (the module
+            docstring): image i picks out text i among all WN texts and vice versa.
+        local_loss: with ``gather``, only this rank's images and texts are anchors,
+            each scored against all WN of the other side (its match at
+            ``rank_offset + i``); the mean over ranks is the global loss (open_clip's
+            ``local_loss``).
 
     Returns:
         Scalar loss.
     """
     image, text = check_pair(image, text, "image", "text", min_rows=2)
     check_tile_size(tile)
+    gathering, local = check_gather(gather, local_loss)
     scale = _clip_scale(logit_scale, image)
+    if gathering:
+        n = image.shape[0]
+        everyone = all_gather_rows(torch.stack([image, text], dim=1))   # (WN, 2, D)
+        if local:
+            index = torch.arange(n, device=image.device) + gathered_offset(n, True)
+            all_i, all_t = _embed(everyone[:, 0], "cosine"), _embed(everyone[:, 1], "cosine")
+            image_to_text = _contrast(_embed(image, "cosine"), all_t, scale, index=index,
+                                      tile=tile)
+            text_to_image = _contrast(_embed(text, "cosine"), all_i, scale, index=index,
+                                      tile=tile)
+            return (image_to_text.mean() + text_to_image.mean()) / 2
+        image, text = everyone.unbind(1)
     i, t = _embed(image, "cosine"), _embed(text, "cosine")
     # both directions share one score matrix: -log softmax of the diagonal along its rows
     # (image -> text) and along its columns (text -> image)
@@ -180,7 +237,8 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor | LogitScale | fl
 
 
 def supcon(z: Tensor, labels: Tensor, *, temperature: float | Tensor = 0.1,
-           tile: int | None = None, exclude: Tensor | None = None) -> Tensor:
+           tile: int | None = None, exclude: Tensor | None = None, gather: bool = False,
+           local_loss: bool = False) -> Tensor:
     """Supervised contrastive loss, the "L_out" form (Khosla et al., 2020).
 
     Every other sample with the anchor's label is a positive; the anchor itself is never
@@ -191,10 +249,16 @@ def supcon(z: Tensor, labels: Tensor, *, temperature: float | Tensor = 0.1,
         labels: (N,) integers.
         temperature: > 0 (number or learnable scalar tensor).
         tile: as in `info_nce`; the tiled path never builds an N x N label mask.
-        exclude: None or a boolean (N, N) mask of further pairs never scored.
+        exclude: None or a boolean (N, N) mask of further pairs never scored (not with
+            ``gather``).
+        gather: under ``torch.distributed``, every rank's rows and labels are gathered
+            (the module docstring): positives and negatives come from the global batch.
+        local_loss: with ``gather``, only this rank's rows are anchors (scored against
+            all WN rows); the mean over ranks is the global loss.
 
     Returns:
-        Scalar loss, the mean over the N anchors.
+        Scalar loss, the mean over the N anchors (WN with ``gather``; this rank's N with
+        ``local_loss``).
 
     Raises:
         ValueError: when a label occurs only once (that anchor has no positive).
@@ -203,8 +267,20 @@ def supcon(z: Tensor, labels: Tensor, *, temperature: float | Tensor = 0.1,
     n = z.shape[0]
     labels = check_labels(labels, "labels", n, z.device)
     check_tile_size(tile)
+    gathering, local = check_gather(gather, local_loss)
+    if gathering and exclude is not None:
+        raise ValueError("exclude: a local (N, N) mask cannot be used with gather=True (pairs "
+                         "across ranks are unknown to it); pass gather=False")
     exclude_mask = None if exclude is None else check_mask(exclude, "exclude", n, n, z.device)
     scale = _inverse_temperature(temperature, z)
+    if gathering:
+        everyone, all_labels = all_gather_rows(z), all_gather_rows_no_grad(labels)
+        if local:
+            offset = gathered_offset(n, True)
+            return _contrast(_embed(z, "cosine"), _embed(everyone, "cosine"), scale,
+                             labels=(labels, all_labels), exclude_self=True,
+                             self_offset=offset, tile=tile, positives_name="labels").mean()
+        z, labels = everyone, all_labels
     e = _embed(z, "cosine")
     return _contrast(e, e, scale, labels=(labels, labels), exclude_self=True,
                      exclude_mask=exclude_mask, tile=tile, positives_name="labels").mean()
@@ -286,20 +362,27 @@ def cpc_loss(predictions: Tensor, targets: Tensor, *, temperature: float | Tenso
 def _contrast(a: Tensor, c: Tensor, scale: Tensor, *, index: Tensor | None = None,
               mask: Tensor | None = None, labels: tuple[Tensor, Tensor] | None = None,
               exclude_self: bool = False, exclude_mask: Tensor | None = None,
-              tile: int | None = None, positives_name: str = "positives") -> Tensor:
+              tile: int | None = None, positives_name: str = "positives",
+              self_offset: int = 0) -> Tensor:
     """Per-anchor loss (N,): log-sum-exp over the non-excluded scores minus the mean
     positive score. At most one of index / mask / labels; none gives the bare log-sum-exp.
+    ``exclude_self`` leaves out candidate i + self_offset for anchor i (self_offset: where
+    this rank's anchors sit among candidates gathered from every rank).
     Inputs are validated already; only the "every anchor has a positive" check is here."""
     n, m = a.shape[0], c.shape[0]
+    if exclude_self and n + self_offset > m:
+        raise ValueError(f"candidates: anchor rows {self_offset}..{self_offset + n} must be "
+                         f"among the {m} candidates to exclude themselves")
     if index is not None:
         index = index.long()
-        _check_index_not_excluded(index, exclude_self, exclude_mask, positives_name)
+        _check_index_not_excluded(index, exclude_self, exclude_mask, positives_name,
+                                  self_offset)
     tile = _resolve_tile(tile, n, m, a.device)
     if tile == 0:
         return _contrast_full(a, c, scale, index, mask, labels, exclude_self, exclude_mask,
-                              positives_name)
+                              positives_name, self_offset)
     return _contrast_tiled(a, c, scale, index, mask, labels, exclude_self, exclude_mask,
-                           tile, positives_name)
+                           tile, positives_name, self_offset)
 
 
 def _contrast_both_ways(a: Tensor, c: Tensor, scale: Tensor, tile: int | None
@@ -322,19 +405,19 @@ def _resolve_tile(tile: int | None, n: int, m: int, device: torch.device) -> int
 
 
 def _contrast_full(a, c, scale, index, mask, labels, exclude_self, exclude_mask,
-                   positives_name) -> Tensor:
+                   positives_name, self_offset=0) -> Tensor:
     positive = None
     if mask is not None or labels is not None:
         positive = mask.clone() if mask is not None else labels[0][:, None] == labels[1][None]
         if exclude_mask is not None:
             positive &= ~exclude_mask
         if exclude_self:
-            positive.diagonal().fill_(False)
+            positive.diagonal(self_offset).fill_(False)
         counts = positive.sum(1)
         _check_counts(counts, positives_name)
     scores = (a * scale) @ c.t()
     if exclude_self:
-        scores.diagonal().fill_(float("-inf"))
+        scores.diagonal(self_offset).fill_(float("-inf"))
     if exclude_mask is not None:
         scores = scores.masked_fill(exclude_mask, float("-inf"))
     if index is not None:
@@ -346,14 +429,16 @@ def _contrast_full(a, c, scale, index, mask, labels, exclude_self, exclude_mask,
 
 
 def _contrast_tiled(a, c, scale, index, mask, labels, exclude_self, exclude_mask, tile,
-                    positives_name) -> Tensor:
+                    positives_name, self_offset=0) -> Tensor:
     n, m = a.shape[0], c.shape[0]
-    plan = dict(rows=tile, cols=tile, exclude_self=exclude_self, exclude_mask=exclude_mask)
+    plan = dict(rows=tile, cols=tile, exclude_self=exclude_self, exclude_mask=exclude_mask,
+                self_offset=self_offset if exclude_self else 0)
     outside = None      # label positives from class sums: plain autograd, O((N + M) D)
     if index is not None:
         plan["positive_index"] = index
     elif labels is not None and exclude_mask is None:
-        dots, counts = _label_positive_dots(a, c, labels[0], labels[1], exclude_self)
+        dots, counts = _label_positive_dots(a, c, labels[0], labels[1], exclude_self,
+                                            self_offset)
         _check_counts(counts, positives_name)
         outside = scale * dots / counts
     elif labels is not None or mask is not None:
@@ -369,10 +454,11 @@ def _contrast_tiled(a, c, scale, index, mask, labels, exclude_self, exclude_mask
 
 
 def _label_positive_dots(a: Tensor, c: Tensor, anchor_labels: Tensor,
-                         candidate_labels: Tensor, exclude_self: bool
+                         candidate_labels: Tensor, exclude_self: bool, self_offset: int = 0
                          ) -> tuple[Tensor, Tensor]:
     """Per anchor: the summed dot products with its same-label candidates, and their count,
-    from per-class sums of the candidates (no N x M comparison at all)."""
+    from per-class sums of the candidates (no N x M comparison at all). The anchors' own
+    rows among the candidates start at self_offset."""
     n = a.shape[0]
     _, klass = torch.unique(torch.cat([anchor_labels, candidate_labels]), return_inverse=True)
     anchor_class, candidate_class = klass[:n], klass[n:]
@@ -381,8 +467,9 @@ def _label_positive_dots(a: Tensor, c: Tensor, anchor_labels: Tensor,
     counts = torch.bincount(candidate_class, minlength=classes)[anchor_class]
     dots = (a * class_sums[anchor_class]).sum(1)
     if exclude_self:
-        same = anchor_class == candidate_class[:n]
-        dots = dots - same * (a * c[:n]).sum(1)
+        own = slice(self_offset, self_offset + n)
+        same = anchor_class == candidate_class[own]
+        dots = dots - same * (a * c[own]).sum(1)
         counts = counts - same.long()
     return dots, counts
 
@@ -468,13 +555,13 @@ def _check_positives(positives: object, n: int, m: int, device: torch.device
 
 
 def _check_index_not_excluded(index: Tensor, exclude_self: bool, exclude_mask: Tensor | None,
-                              name: str) -> None:
+                              name: str, self_offset: int = 0) -> None:
     if not exclude_self and exclude_mask is None:
         return
     rows = torch.arange(len(index), device=index.device)
     hit = torch.zeros(len(index), dtype=torch.bool, device=index.device)
     if exclude_self:
-        hit |= index == rows
+        hit |= index == rows + self_offset
     if exclude_mask is not None:
         hit |= exclude_mask[rows, index]
     if bool(hit.any()):

@@ -55,7 +55,11 @@ class TilePlan:
     """What the tiles need besides the embeddings.
 
     rows, cols: tile size (anchor rows x candidate columns).
-    exclude_self: candidate i is never scored by anchor i (needs N <= M).
+    exclude_self: candidate i + self_offset is never scored by anchor i (needs
+        N + self_offset <= M).
+    self_offset: where the anchors sit among the candidates: 0 when anchors and candidates
+        are the same rows; ``rank_offset`` when this rank's anchors are scored against
+        candidates gathered from every rank (nearfar.distributed).
     exclude_mask: bool (N, M), True = never scored (sliced per tile).
     Positives, at most one of:
     positive_index: int64 (N,), the single positive column of each anchor (not excluded);
@@ -68,6 +72,7 @@ class TilePlan:
     rows: int
     cols: int
     exclude_self: bool = False
+    self_offset: int = 0
     exclude_mask: Tensor | None = None
     positive_index: Tensor | None = None
     positive_mask: Tensor | None = None
@@ -97,7 +102,7 @@ def _drop_excluded(w: Tensor, plan: TilePlan, i0: int, j0: int, *, fresh: bool) 
     elif not fresh:
         w = w.clone()
     if plan.exclude_self:
-        w.diagonal(i0 - j0).fill_(False)
+        w.diagonal(i0 + plan.self_offset - j0).fill_(False)
     return w
 
 
@@ -121,7 +126,9 @@ def _exclude_(scores: Tensor, plan: TilePlan, i0: int, i1: int, j0: int, j1: int
         else:
             scores.masked_fill_(plan.exclude_mask[i0:i1, j0:j1], value)
     if plan.exclude_self:
-        scores.diagonal(i0 - j0).fill_(value)   # the same entries in either orientation
+        # the same entries in either orientation (the mirrored tiles of the symmetric path
+        # only ever have self_offset 0)
+        scores.diagonal(i0 + plan.self_offset - j0).fill_(value)
 
 
 def _subtract_positives_(grad: Tensor, plan: TilePlan, weight: Tensor, i0: int, i1: int,
@@ -456,6 +463,6 @@ def tiled_info_nce(anchors: Tensor, candidates: Tensor, scale: Tensor, plan: Til
                    ) -> Tensor:
     """Per-anchor ``lse_i - pos_i`` (N,), exact, memory-linear; see `TiledInfoNCE`. One
     tensor on both sides (nt_xent, supcon) takes `SymmetricTiledInfoNCE`."""
-    if anchors is candidates and plan.rows == plan.cols:
+    if anchors is candidates and plan.rows == plan.cols and plan.self_offset == 0:
         return SymmetricTiledInfoNCE.apply(anchors, scale, plan)
     return TiledInfoNCE.apply(anchors, candidates, scale, plan)

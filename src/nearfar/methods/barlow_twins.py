@@ -3,6 +3,10 @@
 The cross-correlation matrix between the two views' standardised projections is driven
 to the identity: invariance on the diagonal, decorrelated features off it. No negatives,
 no predictor, no momentum copy.
+
+Many processes (``gather``, see ``nearfar.methods.processes``): the standardisation and
+the cross-correlation are over every rank's batch (autograd-aware all-reduces of sums),
+so every rank computes the loss of one process on the global batch.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 
 from nearfar.losses import barlow_twins
 from nearfar.methods.base import StepOutput
+from nearfar.methods.processes import check_gather_option, gathering, processes_card
 from nearfar.methods.registry import register_method
 from nearfar.methods.two_view import TwoViewMethod, check_number, head_card
 from nearfar.nn import ProjectionHead
@@ -31,6 +36,8 @@ class BarlowTwins(TwoViewMethod):
         num_layers: Linear layers of the projector (3 in the paper).
         lambda_offdiag: weight of the redundancy (off-diagonal) term (paper: 5e-3,
             tuned for D = 8192).
+        gather: batch statistics over every process's batch (None: when
+            torch.distributed runs with world size > 1).
     """
 
     name = "barlow_twins"
@@ -38,8 +45,10 @@ class BarlowTwins(TwoViewMethod):
     def __init__(self, encoder: nn.Module | str = "small_cnn", views: Callable | None = None,
                  *, hidden_dim: int = 512, out_dim: int = 512, num_layers: int = 3,
                  lambda_offdiag: float = 5e-3,
-                 encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> None:
+                 encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
+                 gather: bool | None = None) -> None:
         super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+        self.gather = check_gather_option(gather)
         self.lambda_offdiag = check_number(lambda_offdiag, "lambda_offdiag", low=0.0)
         self.projector = ProjectionHead(self.feature_dim, hidden_dim, out_dim,
                                         num_layers=num_layers)
@@ -49,7 +58,8 @@ class BarlowTwins(TwoViewMethod):
         _, v1, v2 = self.draw_views(batch, generator)
         views = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
         z1, z2 = self.projector(self.encoder(views)).float().chunk(2)
-        loss = barlow_twins(z1, z2, lambda_offdiag=self.lambda_offdiag)
+        loss = barlow_twins(z1, z2, lambda_offdiag=self.lambda_offdiag,
+                            gather=gathering(self.gather))
         with torch.no_grad():
             metrics = {"projection_cosine": F.cosine_similarity(z1, z2, dim=1).mean()}
         return StepOutput(loss=loss, metrics=metrics, embeddings=z1.detach())
@@ -65,6 +75,7 @@ class BarlowTwins(TwoViewMethod):
                 "temperature": "n/a",
                 "projection_head": head_card(self.projector),
                 "head_downstream": "dropped",
+                "batch_statistics": processes_card(self.gather),
             },
             "positives": {
                 "construction": "two random views of the same image (the diagonal of the "

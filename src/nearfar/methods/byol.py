@@ -4,6 +4,9 @@ An online network (backbone, projector, predictor) predicts the projection a slo
 moving target network (an EMA of backbone + projector) gives the other view of the same
 image. No negatives: the predictor's asymmetry, the stop-gradient on the target and its
 momentum keep the representation from collapsing.
+
+Many processes: the loss is a mean of per-image terms, so each rank's mean over its own
+images, averaged by DDP, is already the global loss and gradient; nothing is gathered.
 """
 
 from __future__ import annotations

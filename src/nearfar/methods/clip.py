@@ -21,6 +21,12 @@ from torch import Tensor, nn
 
 from nearfar.losses import LogitScale, SigLipParams, clip_loss
 from nearfar.methods.base import Method, StepOutput, check_batch
+from nearfar.methods.processes import (
+    check_gather_option,
+    check_local_loss,
+    gathering,
+    processes_card,
+)
 from nearfar.methods.registry import register_method
 from nearfar.nn import parameter_count, resolve_encoder
 from nearfar.nn.text import PAD_ID, TextTransformer, build_tokenizer, texts_to_utf8
@@ -82,6 +88,11 @@ class CLIP(Method):
         encoder_kwargs: constructor keywords when ``encoder`` is a name.
         seed: seeds the views when no generator is passed to :meth:`loss`.
         tile: rows per tile of the exact memory-linear loss (None: automatic).
+        gather: contrast with the pairs of every process (None: when torch.distributed
+            runs with world size > 1): the loss of one process on the global batch.
+        local_loss: with gather, each rank scores only its own images and captions
+            against every rank's (less work per rank, the same gradient); see
+            ``nearfar.losses.clip_loss`` / ``siglip_loss``.
     """
 
     name = "clip"
@@ -96,8 +107,11 @@ class CLIP(Method):
                  temperature: float = 0.07, max_scale: float = 100.0,
                  siglip_scale: float = 10.0, siglip_bias: float = -10.0,
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
-                 tile: int | None = None) -> None:
+                 tile: int | None = None, gather: bool | None = None,
+                 local_loss: bool = False) -> None:
         super().__init__()
+        self.gather = check_gather_option(gather)
+        self.local_loss = check_local_loss(local_loss)
         encoder = resolve_encoder(encoder, encoder_kwargs)
         if not isinstance(encoder, nn.Module) or not isinstance(getattr(encoder, "out_dim",
                                                                         None), int):
@@ -195,11 +209,14 @@ class CLIP(Method):
         image = self.embed(x).float()
         text = self.embed_text(tokens).float()
         metrics: dict[str, float | Tensor] = {}
+        gather = gathering(self.gather)
         if self.loss_name == "clip":
-            loss = clip_loss(image, text, self.logit_scale, tile=self.tile)
+            loss = clip_loss(image, text, self.logit_scale, tile=self.tile, gather=gather,
+                             local_loss=self.local_loss)
             metrics["logit_scale"] = self.logit_scale().detach()
         else:
-            loss = self.siglip(image, text, tile=self.tile)
+            loss = self.siglip(image, text, tile=self.tile, gather=gather,
+                               local_loss=self.local_loss)
             metrics["logit_scale"] = self.siglip.logit_scale.detach().exp()
             metrics["logit_bias"] = self.siglip.logit_bias.detach()
         with torch.no_grad():
@@ -260,6 +277,7 @@ class CLIP(Method):
                 "per_anchor": None if n is None else n - 1,
                 "exclusions": ["none: a duplicate caption of another image in the batch "
                                "counts as a negative"],
+                "processes": processes_card(self.gather, self.local_loss),
             },
             "modality": self.modality,
             "encoder": {

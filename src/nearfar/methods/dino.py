@@ -10,6 +10,10 @@ temperature); the two together keep the output from collapsing, with no negative
 Local crops are made by the views module's own ops: the global pipeline with its
 ``random_resized_crop`` swapped for a smaller-area one at a smaller output size (DINO:
 96 px local crops for 224 px global ones), so each crop is one batched resampling.
+
+Many processes (``gather``, see ``nearfar.methods.processes``): the loss is a mean of
+per-image terms (DDP's averaging is exact without collectives); the teacher center
+moves towards the mean over every rank's batch, so all ranks keep the same center.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import Tensor, nn
 
 from nearfar.losses import DinoCenter
 from nearfar.methods.base import StepOutput
+from nearfar.methods.processes import check_gather_option, gathering, processes_card
 from nearfar.methods.registry import register_method
 from nearfar.methods.two_view import TwoViewMethod, check_int, check_number
 from nearfar.nn.momentum import EMA
@@ -80,6 +85,8 @@ class DINO(TwoViewMethod):
             last layer) get no gradient (DINO: the first epoch).
         embed_with: "teacher" (DINO evaluates the teacher's backbone: it is the better
             one, and its BatchNorm statistics come from global views only) or "student".
+        gather: the center update averages the teacher mean over every process (None:
+            when torch.distributed runs with world size > 1).
     """
 
     name = "dino"
@@ -93,8 +100,10 @@ class DINO(TwoViewMethod):
                  center_momentum: float = 0.9, base_momentum: float = 0.996,
                  momentum_schedule: str = "cosine", freeze_prototypes: float = 0.0,
                  embed_with: str = "teacher",
-                 encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> None:
+                 encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
+                 gather: bool | None = None) -> None:
         super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+        self.gather = check_gather_option(gather)
         if embed_with not in ("teacher", "student"):
             raise ValueError(f"embed_with: expected 'teacher' or 'student', got {embed_with!r}")
         self.embed_with = embed_with
@@ -179,7 +188,7 @@ class DINO(TwoViewMethod):
             entropy = -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
         # cross-entropy over every (teacher view, other student view) pair; in training
         # mode the center then moves towards this batch's teacher mean
-        loss = self.dino(student_logits, teacher_logits)
+        loss = self.dino(student_logits, teacher_logits, gather=gathering(self.gather))
         metrics = {"momentum": self.teacher.last_momentum.clone(),
                    "teacher_entropy": entropy / math.log(k)}   # 1 = uniform, 0 = one-hot
         # the collapse guard watches the teacher's centred, sharpened distributions: they
@@ -214,6 +223,7 @@ class DINO(TwoViewMethod):
                 "temperature": {"student": self.dino.student_temperature,
                                 "teacher": self.dino.teacher_temperature},
                 "center_momentum": self.dino.momentum,
+                "center_statistics": processes_card(self.gather),
                 "prototypes_frozen_for": self.freeze_prototypes,
                 "head": {"in_dim": self.head.in_dim, "bottleneck_dim": self.head.bottleneck_dim,
                          "num_prototypes": self.head.num_prototypes},

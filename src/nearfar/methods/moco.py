@@ -6,6 +6,12 @@ keys from earlier batches. MoCo v3: no queue; the query branch gets a predictor,
 each query picks out its key among the N keys of the batch (symmetrised over the two
 views, scaled by 2 * temperature). Both move the key encoder along the cosine momentum
 schedule in :meth:`after_step`.
+
+Many processes (``gather``, see ``nearfar.methods.processes``): MoCo v2's loss is a mean
+of per-query terms against a queue every rank holds identically (each step enqueues every
+rank's keys, in rank order), so DDP's averaging already gives the global gradient. MoCo
+v3 gathers the momentum keys of every rank (no gradient: they come from the momentum
+encoder), each query's key sitting at ``rank_offset + i``, as the reference code does.
 """
 
 from __future__ import annotations
@@ -17,9 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nearfar import distributed
 from nearfar.losses import info_nce, moco_loss
 from nearfar.methods.base import StepOutput
 from nearfar.methods.metrics import cross_false_negative_rate, false_negative_rate
+from nearfar.methods.processes import (
+    check_gather_option,
+    check_local_loss,
+    gathering,
+    processes_card,
+)
 from nearfar.methods.registry import register_method
 from nearfar.methods.two_view import (
     TwoViewMethod,
@@ -60,6 +73,8 @@ class MoCoV2(TwoViewMethod):
             items in the batch (stale keys of the same image from an earlier epoch,
             which a queue longer than an epoch always holds).
         tile: rows per tile of the exact memory-linear path (None: automatic).
+        gather: enqueue every process's keys (None: when torch.distributed runs with
+            world size > 1), so all ranks share one queue; see the module docstring.
     """
 
     name = "moco_v2"
@@ -69,9 +84,10 @@ class MoCoV2(TwoViewMethod):
                  out_dim: int = 128, head_batch_norm: bool = True, base_momentum: float = 0.99,
                  momentum_schedule: str = "cosine", exclude_same_item: bool = True,
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
-                 tile: int | None = None) -> None:
+                 tile: int | None = None, gather: bool | None = None) -> None:
         super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
         self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+        self.gather = check_gather_option(gather)
         check_int(queue_size, "queue_size")
         self.head = ProjectionHead(self.feature_dim, hidden_dim, out_dim, num_layers=2,
                                    batch_norm=bool(head_batch_norm))
@@ -115,7 +131,8 @@ class MoCoV2(TwoViewMethod):
             if fnr is not None:
                 metrics["false_negative_rate"] = fnr
         if self.training:
-            self.queue.enqueue(k, labels, ids)
+            # every rank's keys in rank order: the queues of all ranks stay identical
+            self.queue.enqueue(k, labels, ids, gather=gathering(self.gather))
         return StepOutput(loss=loss, metrics=metrics, embeddings=q.detach())
 
     def after_step(self, progress: float) -> None:
@@ -150,6 +167,7 @@ class MoCoV2(TwoViewMethod):
                                 "other keys of the current batch"]
                                + (["queued keys of the same item (stale keys from an earlier "
                                    "epoch)"] if self.exclude_same_item else [])),
+                "processes": processes_card(self.gather),
             },
             "modality": self.modality,
             "encoder": self.encoder_card(),
@@ -172,6 +190,33 @@ def moco_loss_excluding(q: Tensor, k: Tensor, queue: Tensor, exclude: Tensor, *,
                     temperature=temperature, tile=tile)
 
 
+def key_contrast(q: Tensor, k: Tensor, *, temperature: float | Tensor, tile: int | None = None,
+                 gather: bool = False, local_loss: bool = False) -> Tensor:
+    """InfoNCE of queries against in-batch keys (MoCo v3, before its 2 * temperature
+    scale): query i picks out key i among the keys; the keys are momentum-encoder outputs,
+    detached here.
+
+    ``gather`` (under ``torch.distributed``): the keys of every rank are gathered (no
+    gradient), query i of this rank picking out key ``rank_offset + i``. With
+    ``local_loss`` each rank scores its own N queries (the reference code: a mean over
+    the local queries, whose mean over ranks is the global loss); without it the
+    queries are gathered too, with gradients, and every rank computes the loss of one
+    process on the concatenated batch.
+    """
+    k = k.detach()
+    if not distributed.resolve_gather(gather):
+        return info_nce(q, k, torch.arange(q.shape[0], device=q.device),
+                        temperature=temperature, tile=tile)
+    n = q.shape[0]
+    keys = distributed.all_gather_no_grad(k)
+    if local_loss:
+        index = torch.arange(n, device=q.device) + distributed.gathered_offset(n, True)
+    else:
+        q = distributed.all_gather_with_grad(q)
+        index = torch.arange(q.shape[0], device=q.device)
+    return info_nce(q, keys, index, temperature=temperature, tile=tile)
+
+
 @register_method("moco_v3")
 class MoCoV3(TwoViewMethod):
     """Backbone + 3-layer projector + predictor, momentum copy of backbone + projector,
@@ -186,6 +231,11 @@ class MoCoV3(TwoViewMethod):
         base_momentum, momentum_schedule: the momentum encoder's (MoCo v3: 0.99, cosine
             to 1).
         tile: as :class:`MoCoV2`.
+        gather: contrast each query with the keys of every process (None: when
+            torch.distributed runs with world size > 1).
+        local_loss: with gather, each rank scores only its own queries (the reference
+            MoCo v3); False scores every rank's queries on every rank (same gradient,
+            the same loss value on every rank).
     """
 
     name = "moco_v3"
@@ -195,9 +245,12 @@ class MoCoV3(TwoViewMethod):
                  predictor_hidden_dim: int = 512, base_momentum: float = 0.99,
                  momentum_schedule: str = "cosine",
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
-                 tile: int | None = None) -> None:
+                 tile: int | None = None, gather: bool | None = None,
+                 local_loss: bool = False) -> None:
         super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
         self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+        self.gather = check_gather_option(gather)
+        self.local_loss = check_local_loss(local_loss)
         self.projector = ProjectionHead(self.feature_dim, hidden_dim, out_dim, num_layers=3)
         self.predictor = PredictionHead(out_dim, predictor_hidden_dim)
         self.momentum_encoder = EMA(self._online(), base_momentum, schedule=momentum_schedule)
@@ -207,9 +260,8 @@ class MoCoV3(TwoViewMethod):
         return nn.Sequential(self.encoder, self.projector)
 
     def _contrast(self, q: Tensor, k: Tensor) -> Tensor:
-        n = q.shape[0]
-        loss = info_nce(q, k, torch.arange(n, device=q.device), temperature=self.temperature,
-                        tile=self.tile)
+        loss = key_contrast(q, k, temperature=self.temperature, tile=self.tile,
+                            gather=gathering(self.gather), local_loss=self.local_loss)
         return loss * (2.0 * self.temperature)
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
@@ -259,6 +311,7 @@ class MoCoV3(TwoViewMethod):
                 "batch_size": n,
                 "per_anchor": None if n is None else n - 1,
                 "exclusions": ["the anchor's own key (it is the positive)"],
+                "processes": processes_card(self.gather, self.local_loss),
             },
             "modality": self.modality,
             "encoder": self.encoder_card(),

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nearfar.distributed import resolve_gather
 from nearfar.losses import hard_negative_info_nce, info_nce, nt_xent, partner_index
 from nearfar.methods.base import StepOutput
 from nearfar.methods.metrics import false_negative_rate
@@ -93,7 +94,10 @@ class SimCLR(TwoViewMethod):
             loss = info_nce(z, z, partner_index(len(z1), device=z.device), exclude=exclude,
                             temperature=self.temperature, tile=self.tile)
         else:
-            loss = nt_xent(z1, z2, temperature=self.temperature, tile=self.tile)
+            # under torch.distributed (gather None = automatic), negatives from every rank
+            loss = nt_xent(z1, z2, temperature=self.temperature, tile=self.tile,
+                           gather=resolve_gather(getattr(self, "gather", None)),
+                           local_loss=getattr(self, "local_loss", False))
         with torch.no_grad():
             metrics = {"positive_cosine": F.cosine_similarity(z1, z2, dim=1).mean()}
             labels = batch.get("labels")

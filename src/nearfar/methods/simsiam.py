@@ -3,6 +3,9 @@
 Both views go through the same backbone and projector; a predictor on each side regresses
 the other side's projection under a stop-gradient. No negatives, no EMA: the
 stop-gradient alone prevents collapse.
+
+Many processes: the loss is a mean of per-image terms, so each rank's mean over its own
+images, averaged by DDP, is already the global loss and gradient; nothing is gathered.
 """
 
 from __future__ import annotations

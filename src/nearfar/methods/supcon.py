@@ -4,6 +4,12 @@ partly labelled data.
 ``supcon``: every view of every image with the anchor's label is a positive, every view
 with another label a negative. ``supcon_mixed``: NT-Xent (SimCLR) on all items plus
 ``supervised_weight`` times SupCon on the labelled ones (label -1 = unlabelled).
+
+Many processes (``gather``, see ``nearfar.methods.processes``): views and labels of every
+rank are gathered, so positives and negatives come from the global batch. SupConMixed's
+supervised term takes the labelled rows of the gathered batch (their number differs
+between ranks) and is computed whole on every rank; its NT-Xent term follows
+``local_loss``.
 """
 
 from __future__ import annotations
@@ -15,9 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nearfar import distributed
 from nearfar.losses import nt_xent, supcon
 from nearfar.methods.base import StepOutput
 from nearfar.methods.metrics import in_batch_false_negative_rate
+from nearfar.methods.processes import (
+    check_gather_option,
+    check_local_loss,
+    gathering,
+    processes_card,
+)
 from nearfar.methods.registry import register_method
 from nearfar.methods.two_view import TwoViewMethod, batch_labels, check_number, head_card
 from nearfar.nn import ProjectionHead
@@ -41,8 +54,11 @@ class _SupConBase(TwoViewMethod):
     def __init__(self, encoder: nn.Module | str, views: Callable | None, *, temperature: float,
                  hidden_dim: int, out_dim: int, num_layers: int,
                  encoder_kwargs: Mapping[str, Any] | None, seed: int,
-                 tile: int | None) -> None:
+                 tile: int | None, gather: bool | None = None,
+                 local_loss: bool = False) -> None:
         super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+        self.gather = check_gather_option(gather)
+        self.local_loss = check_local_loss(local_loss)
         self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
         self.head = ProjectionHead(self.feature_dim, hidden_dim, out_dim, num_layers=num_layers)
         self.tile = tile
@@ -67,6 +83,10 @@ class SupCon(_SupConBase):
         encoder, views, encoder_kwargs, seed, tile: as :class:`~nearfar.methods.SimCLR`.
         temperature: > 0 (SupCon: 0.1).
         hidden_dim, out_dim, num_layers: the projection head.
+        gather: positives and negatives from every process's batch (None: when
+            torch.distributed runs with world size > 1).
+        local_loss: with gather, each rank scores only its own views as anchors (the
+            same gradient, less work per rank).
 
     Every batch must carry labels (``batch["labels"]``, no -1): a clear error otherwise.
     """
@@ -76,10 +96,11 @@ class SupCon(_SupConBase):
     def __init__(self, encoder: nn.Module | str = "small_cnn", views: Callable | None = None,
                  *, temperature: float = 0.1, hidden_dim: int = 512, out_dim: int = 128,
                  num_layers: int = 2, encoder_kwargs: Mapping[str, Any] | None = None,
-                 seed: int = 0, tile: int | None = None) -> None:
+                 seed: int = 0, tile: int | None = None, gather: bool | None = None,
+                 local_loss: bool = False) -> None:
         super().__init__(encoder, views, temperature=temperature, hidden_dim=hidden_dim,
                          out_dim=out_dim, num_layers=num_layers, encoder_kwargs=encoder_kwargs,
-                         seed=seed, tile=tile)
+                         seed=seed, tile=tile, gather=gather, local_loss=local_loss)
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
              ) -> StepOutput:
@@ -90,7 +111,8 @@ class SupCon(_SupConBase):
                              "'supcon_mixed' for partly labelled data")
         z1, z2 = self._project(batch, generator)
         loss = supcon(torch.cat([z1, z2]), labels.repeat(2), temperature=self.temperature,
-                      tile=self.tile)
+                      tile=self.tile, gather=gathering(self.gather),
+                      local_loss=self.local_loss)
         with torch.no_grad():
             metrics = {"positive_cosine": F.cosine_similarity(z1, z2, dim=1).mean()}
         return StepOutput(loss=loss, metrics=metrics, embeddings=z1.detach())
@@ -115,6 +137,7 @@ class SupCon(_SupConBase):
                 "per_anchor": "2N - 1 - (same-label views)" if n is None else
                               f"{2 * n - 1} minus the same-label views",
                 "exclusions": ["the anchor itself", "every same-label view (positives)"],
+                "processes": processes_card(self.gather, self.local_loss),
             },
             "modality": self.modality,
             "supervision": "labels required for every item",
@@ -135,6 +158,8 @@ class SupConMixed(_SupConBase):
             rest count as unlabelled; to study partly labelled training on a fully
             labelled dataset. 1.0 keeps every label the data has.
         hidden_dim, out_dim, num_layers: the projection head.
+        gather, local_loss: as :class:`SupCon` (``local_loss`` applies to the NT-Xent
+            term; the supervised term is computed whole on every rank).
 
     Labels of -1 mark unlabelled items; a batch without any labels at all is an error
     (use ``simclr``).
@@ -146,10 +171,11 @@ class SupConMixed(_SupConBase):
                  *, temperature: float = 0.2, supervised_weight: float = 1.0,
                  labelled_fraction: float = 1.0, hidden_dim: int = 512, out_dim: int = 128,
                  num_layers: int = 2, encoder_kwargs: Mapping[str, Any] | None = None,
-                 seed: int = 0, tile: int | None = None) -> None:
+                 seed: int = 0, tile: int | None = None, gather: bool | None = None,
+                 local_loss: bool = False) -> None:
         super().__init__(encoder, views, temperature=temperature, hidden_dim=hidden_dim,
                          out_dim=out_dim, num_layers=num_layers, encoder_kwargs=encoder_kwargs,
-                         seed=seed, tile=tile)
+                         seed=seed, tile=tile, gather=gather, local_loss=local_loss)
         self.supervised_weight = check_number(supervised_weight, "supervised_weight", low=0.0)
         self.labelled_fraction = check_number(labelled_fraction, "labelled_fraction", low=0.0,
                                               high=1.0, low_open=True)
@@ -173,12 +199,21 @@ class SupConMixed(_SupConBase):
         index = batch.get("index") if isinstance(batch.get("index"), Tensor) else None
         labels = self.visible_labels(labels, index)
         z1, z2 = self._project(batch, generator)
-        unsupervised = nt_xent(z1, z2, temperature=self.temperature, tile=self.tile)
+        gather = gathering(self.gather)
+        unsupervised = nt_xent(z1, z2, temperature=self.temperature, tile=self.tile,
+                               gather=gather, local_loss=self.local_loss)
         labelled = labels >= 0
         n_labelled = int(labelled.sum())
-        if n_labelled > 0 and self.supervised_weight > 0:
-            zl = torch.cat([z1[labelled], z2[labelled]])
-            supervised = supcon(zl, labels[labelled].repeat(2), temperature=self.temperature,
+        z, both_labels = torch.cat([z1, z2]), labels.repeat(2)
+        if gather and self.supervised_weight > 0:
+            # ranks hold different numbers of labelled items: gather every row (equal
+            # sizes), then keep the labelled ones of the global batch; every rank takes
+            # this branch, so the collectives stay in step
+            z = distributed.all_gather_with_grad(z)
+            both_labels = distributed.all_gather_no_grad(both_labels)
+        keep = both_labels >= 0
+        if bool(keep.any()) and self.supervised_weight > 0:
+            supervised = supcon(z[keep], both_labels[keep], temperature=self.temperature,
                                 tile=self.tile)
         else:
             supervised = z1.new_zeros(())
@@ -219,6 +254,7 @@ class SupConMixed(_SupConBase):
                 "per_anchor": None if n is None else 2 * n - 2,
                 "exclusions": ["the anchor itself", "its partner view (the positive)",
                                "SupCon term: same-label views (positives)"],
+                "processes": processes_card(self.gather, self.local_loss),
             },
             "modality": self.modality,
             "supervision": "partial: label -1 marks an unlabelled item",

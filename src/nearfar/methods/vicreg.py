@@ -3,6 +3,10 @@
 An expander after the backbone; the two views' expansions are pulled together
 (invariance), each dimension keeps a standard deviation of at least 1 over the batch
 (variance) and different dimensions are decorrelated (covariance). No negatives.
+
+Many processes (``gather``, see ``nearfar.methods.processes``): every term is over every
+rank's batch (autograd-aware all-reduces of sums), so every rank computes the loss of one
+process on the global batch.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch import nn
 
 from nearfar.losses import vicreg_terms
 from nearfar.methods.base import StepOutput
+from nearfar.methods.processes import check_gather_option, gathering, processes_card
 from nearfar.methods.registry import register_method
 from nearfar.methods.two_view import TwoViewMethod, check_number, head_card
 from nearfar.nn import ProjectionHead
@@ -29,6 +34,8 @@ class VICReg(TwoViewMethod):
         hidden_dim, out_dim: the expander (VICReg: 8192, 8192).
         num_layers: Linear layers of the expander (3 in the paper).
         invariance_weight, variance_weight, covariance_weight: (paper: 25, 25, 1).
+        gather: batch statistics over every process's batch (None: when
+            torch.distributed runs with world size > 1).
     """
 
     name = "vicreg"
@@ -37,8 +44,10 @@ class VICReg(TwoViewMethod):
                  *, hidden_dim: int = 512, out_dim: int = 512, num_layers: int = 3,
                  invariance_weight: float = 25.0, variance_weight: float = 25.0,
                  covariance_weight: float = 1.0,
-                 encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> None:
+                 encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
+                 gather: bool | None = None) -> None:
         super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+        self.gather = check_gather_option(gather)
         self.weights = {
             "invariance": check_number(invariance_weight, "invariance_weight", low=0.0),
             "variance": check_number(variance_weight, "variance_weight", low=0.0),
@@ -52,7 +61,7 @@ class VICReg(TwoViewMethod):
         _, v1, v2 = self.draw_views(batch, generator)
         views = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
         z1, z2 = self.expander(self.encoder(views)).float().chunk(2)
-        terms = vicreg_terms(z1, z2)
+        terms = vicreg_terms(z1, z2, gather=gathering(self.gather))
         # the VICReg loss: the same weighted sum as nearfar.losses.vicreg, terms kept to log
         loss = (self.weights["invariance"] * terms.invariance
                 + self.weights["variance"] * terms.variance
@@ -70,6 +79,7 @@ class VICReg(TwoViewMethod):
                 "temperature": "n/a",
                 "projection_head": head_card(self.expander),
                 "head_downstream": "dropped",
+                "batch_statistics": processes_card(self.gather),
             },
             "positives": {
                 "construction": "two random views of the same image (invariance term)",

@@ -16,6 +16,10 @@ denominator (:meth:`same_item_mask`).
 
 Everything lives in buffers (keys, labels, ids, write position, fill count), so a
 checkpoint restores the queue exactly.
+
+Many processes (``torch.distributed``): ``enqueue(..., gather=True)`` appends every
+rank's keys (with their labels and ids) in rank order, so all ranks hold the same queue,
+the queue one process would hold after enqueuing the concatenated batch.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from nearfar import distributed
 
 UNKNOWN = -1  # label / id of a key that has none (random initial keys, unlabelled data)
 
@@ -124,11 +130,17 @@ class Queue(nn.Module):
     # ------------------------------------------------------------------ writing
     @torch.no_grad()
     def enqueue(self, keys: Tensor, labels: Tensor | None = None,
-                ids: Tensor | None = None) -> None:
+                ids: Tensor | None = None, *, gather: bool = False) -> None:
         """Append (B, D) keys (oldest rows are overwritten once full), in row order.
 
         When B > K only the last K rows are kept. Labels / ids default to -1 (unknown).
+        ``gather``: under ``torch.distributed``, append every rank's keys, labels and ids
+        in rank order (every rank must pass the same B, and labels / ids on all ranks or
+        on none), keeping the queues of all ranks identical; a no-op outside a process
+        group.
         """
+        if not isinstance(gather, bool):
+            raise ValueError(f"gather: expected True or False, got {gather!r}")
         if not isinstance(keys, Tensor) or keys.ndim != 2 or keys.shape[1] != self.dim:
             got = tuple(keys.shape) if isinstance(keys, Tensor) else type(keys).__name__
             raise ValueError(f"keys: expected shape (B, {self.dim}), got {got}")
@@ -141,6 +153,10 @@ class Queue(nn.Module):
                         type(value).__name__
                     raise ValueError(f"{name}: expected shape ({b},) like keys, got {got}")
                 extras[name] = value.detach().to(device=self.keys.device, dtype=torch.long)
+        if gather and distributed.is_distributed():
+            keys = distributed.all_gather_no_grad(keys.detach())
+            extras = {k: distributed.all_gather_no_grad(v) for k, v in extras.items()}
+            b = keys.shape[0]
         if b == 0:
             return
         keys = keys.detach().to(device=self.keys.device, dtype=self.keys.dtype)
