@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nearfar.audit import (
+    PromptSet,
     attribute_leakage,
     audit_embeddings,
     domain_shift,
@@ -20,6 +21,7 @@ from nearfar.audit import (
     knn_item_scores,
     neighbour_composition,
     prompt_sensitivity,
+    render_html,
     subgroup_performance,
     threshold_at_fmr,
     threshold_audit,
@@ -344,6 +346,14 @@ def test_prompt_sensitivity_per_template_against_direct_zero_shot():
     assert res["std"] == pytest.approx(np.std(accs))
     assert res["range"] == pytest.approx(max(accs) - min(accs))
     assert set(res["templates"]["a photo of a {}"]["groups"]) == {"left", "right"}
+    assert res["templates"]["a half {}"]["worst_group_accuracy"] == pytest.approx(2 / 3)
+
+    # through the suite and into the page
+    result = audit_embeddings(images, groups=groups, labels=y, n_boot=50, threshold_boot=0,
+                              prompts=PromptSet(classes, templates, encode_text))
+    assert result.record["sections"]["prompts"]["range"] == pytest.approx(res["range"])
+    page = render_html(result.record, {})
+    assert "Prompt sensitivity" in page and "a scrambled {}" in page
 
 
 # ------------------------------------------------------------------ report

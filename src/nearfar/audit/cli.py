@@ -45,6 +45,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         lk = sections["leakage"]
         print(f"  leakage of {args.sensitive!r}: probe {lk['probe_accuracy']:.4f}, majority "
               f"{lk['majority_baseline']:.4f}, control {lk['control_accuracy']:.4f}")
+    if "prompts" in sections:
+        pr = sections["prompts"]
+        print(f"  zero-shot over {len(pr['templates'])} templates: mean {pr['mean']:.4f}, std "
+              f"{pr['std']:.4f}, range {pr['range']:.4f}")
     if "ood" in sections:
         o = sections["ood"]
         print(f"  shift ({o['shift']}): kNN {o['in_domain']:.4f} -> {o['shifted']:.4f}; domain "

@@ -79,7 +79,8 @@ def _map_figure(plots: dict[str, Any]) -> str | None:
         return None
     plt = _pyplot()
     panels = [("group", plots["map_groups"])]
-    if plots.get("map_labels") is not None:
+    labels = plots.get("map_labels")
+    if labels is not None and [str(v) for v in labels] != list(plots["map_groups"]):
         panels.append(("label", [str(v) for v in plots["map_labels"]]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
     var = plots.get("map_variance", [0.0, 0.0])
