@@ -294,6 +294,42 @@ def dino_center_case() -> dict:
     return {"center": float((got - ref).abs().max())}
 
 
+def methods_case() -> dict:
+    """The methods gather on their own (gather=None) once a process group runs: methods
+    with a global objective return the same loss on every rank (each rank sees different
+    images), MoCo v2's queue and DINO's center stay identical across ranks, and
+    SupConMixed copes with ranks holding different numbers of labelled items."""
+    from nearfar.methods import build_method
+
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2]) if rank == 0 else torch.tensor([-1, 1, -1, 0, 2, -1])
+    batch_ = {"images": torch.rand(6, 1, 10, 10, generator=g), "labels": labels,
+              "index": torch.arange(6) + 6 * rank}
+    small = {"encoder": "small_cnn", "encoder_kwargs": {"widths": (4,)}, "hidden_dim": 16}
+    out = {}
+    for name, kw in (("simclr", {"out_dim": 8}), ("barlow_twins", {"out_dim": 8}),
+                     ("supcon_mixed", {"out_dim": 8}),
+                     ("moco_v2", {"out_dim": 8, "queue_size": 24}),
+                     ("dino", {"local_crops": 0, "num_prototypes": 8, "bottleneck_dim": 4})):
+        torch.manual_seed(0)
+        method = build_method(name, **small, **kw)
+        loss = method.loss(dict(batch_), torch.Generator().manual_seed(rank)).loss
+        loss.backward()
+        state = {"loss": loss.detach().reshape(1).double()}
+        if name == "moco_v2":
+            state["queue"] = method.queue.keys.double()
+        if name == "dino":
+            state["center"] = method.dino.center.double()
+        same = {}
+        for key, value in state.items():
+            parts = [torch.empty_like(value) for _ in range(WORLD)]
+            dist.all_gather(parts, value.contiguous())
+            same[key] = bool(torch.equal(parts[0], parts[1]))
+        out[name] = same
+    return out
+
+
 # ----------------------------------------------------------------------------- the bugs
 
 
@@ -433,6 +469,8 @@ def _worker(rank: int, init_file: str, out_dir: str, ddp: bool = False) -> None:
         result["moco_queue_not_gathered"] = moco_queue_case(patch_enqueue_gather=False)
         result["dino_center"] = dino_center_case()
         lap("moco, dino")
+        result["methods"] = methods_case()
+        lap("methods")
         result["bugs"] = bug_cases()
         lap("bugs")
     except Exception:
@@ -498,6 +536,15 @@ def test_moco_queue_is_one_queue_and_the_loss_is_exact(results):
         assert m["loss"] <= TOL and m["grad"] <= TOL
         # without gathering the keys each rank's queue holds only its own keys
         assert not res["moco_queue_not_gathered"]["same_queue"]
+
+
+def test_methods_gather_by_themselves(results):
+    for res in results:
+        assert res["methods"] == {
+            "simclr": {"loss": True}, "barlow_twins": {"loss": True},
+            "supcon_mixed": {"loss": True},
+            # per-query / per-image losses differ by rank; what they share must not
+            "moco_v2": {"loss": False, "queue": True}, "dino": {"loss": False, "center": True}}
 
 
 def test_dino_center_is_the_global_mean(results):
