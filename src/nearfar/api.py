@@ -283,14 +283,9 @@ def evaluate_geometry(method, images: Tensor, device: torch.device, *, seed: int
                 z2.append(method.embed(v2).float().cpu())
     finally:
         method.train(was_training)
-    describe = getattr(method, "views_card", None) or getattr(views, "describe", None)
-    try:
-        described = describe() if callable(describe) else type(views).__name__
-    except Exception:  # a description is a courtesy; the numbers do not depend on it
-        described = type(views).__name__
     found = geometry_metrics(torch.cat(z1), torch.cat(z2), seed=int(seed), views={
-        "pipeline": described, "generator_seed": int(seed),
-        "items": f"the first {len(x_all)} held-out items"})
+        "pipeline": "the method's training views (the card's positive_construction.views)",
+        "generator_seed": int(seed), "items": f"the first {len(x_all)} held-out items"})
     return [r.to_dict() for r in found.values()]
 
 

@@ -806,9 +806,15 @@ def to_yaml(value: Any, indent: int = 0) -> list[str]:
 
 
 def _protocol_words(protocol: Any) -> str:
+    """The protocol's name and scalar settings in one line (nested ones: on the card)."""
     if not isinstance(protocol, Mapping):
         return str(protocol)
-    rest = ", ".join(f"{k}={_inline(v, True)}" for k, v in protocol.items() if k != "name")
+    parts = [f"{k}={_inline(v, True)}" for k, v in protocol.items()
+             if k != "name" and not isinstance(v, (Mapping, list))]
+    nested = [k for k, v in protocol.items() if isinstance(v, (Mapping, list))]
+    if nested:
+        parts.append(f"{', '.join(nested)}: see the card")
+    rest = ", ".join(parts)
     return f"{protocol.get('name', 'protocol')}: {rest}" if rest else str(protocol.get("name"))
 
 
