@@ -26,6 +26,21 @@ Two ways in:
   int64 or None, "index": (B,) int64}``, splitting shards across distributed ranks and
   DataLoader workers and shuffling with a buffer (use ``DataLoader(stream,
   batch_size=None, num_workers=k)``).
+
+The ``Trainer`` holds its data in memory; to train on shards larger than memory, drive the
+method directly (one step is what the Trainer does)::
+
+    stream = ShardStream("shards/data-{000000..000099}.tar", batch_size=256,
+                         shuffle_buffer=5000, seed=0)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=4)
+    for epoch in range(epochs):
+        stream.set_epoch(epoch)              # before iterating: workers copy the stream
+        for b in loader:
+            batch = {**b, "images": b["images"].to(device).float().div_(255)}
+            out = method.loss(batch, generator=views_generator)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
 """
 
 from __future__ import annotations
