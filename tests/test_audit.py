@@ -28,6 +28,7 @@ from nearfar.audit import (
     write_report,
 )
 from nearfar.audit.leakage import _folds
+from nearfar.audit.threshold import pair_scores
 from nearfar.evaluate import hubness, k_occurrence
 from nearfar.index.threshold import find_t_star
 
@@ -204,10 +205,16 @@ def test_threshold_math_matches_naive_counts():
     ids = g.integers(0, 8, n)
     groups = np.array(["x", "y"])[g.integers(0, 2, n)]
     emb = torch.tensor(g.normal(size=(8, 6))[ids] + g.normal(size=(n, 6)), dtype=torch.float32)
-    x = torch.nn.functional.normalize(emb, dim=1).double().numpy()
+    x = torch.nn.functional.normalize(emb.double(), dim=1).numpy()
     gen_p, imp_p = _naive_pairs(ids)
-    gen = np.array([x[i] @ x[j] for i, j in gen_p])
-    imp = np.array([x[i] @ x[j] for i, j in imp_p])
+    # the library's scores agree with the naive ones; the counts below use the library's
+    # so that a pair lying exactly at T* is counted the same way on both sides
+    every = np.array(gen_p + imp_p)
+    scores = pair_scores(emb, every)
+    assert scores == pytest.approx([x[i] @ x[j] for i, j in every], abs=1e-12)
+    score = {(int(i), int(j)): s for (i, j), s in zip(every, scores)}
+    gen = np.array([score[p] for p in gen_p])
+    imp = np.array([score[p] for p in imp_p])
     for t in np.linspace(-1, 1, 41):
         fmr, fnmr = error_rates(gen, imp, [t])
         assert fmr[0] == sum(s >= t for s in imp) / len(imp)
@@ -220,19 +227,19 @@ def test_threshold_math_matches_naive_counts():
     assert achieved == sum(s >= t_star for s in imp) / len(imp) <= target
 
     res = threshold_audit(emb, ids, groups, target_fmr=target, n_boot=0)
-    assert res["t_star"] == pytest.approx(t_star, abs=1e-6)
+    assert res["t_star"] == t_star
     assert res["n_genuine"] == len(gen_p) and res["n_impostor"] == len(imp_p)
     ts = res["t_star"]
     for a in ("x", "y"):
         gp = [(i, j) for i, j in gen_p if groups[i] == groups[j] == a]
         ip = [(i, j) for i, j in imp_p if groups[i] == groups[j] == a]
         assert res["groups"][a]["fnmr"] == pytest.approx(
-            sum(x[i] @ x[j] < ts for i, j in gp) / len(gp))
+            sum(score[p] < ts for p in gp) / len(gp))
         assert res["groups"][a]["fmr"] == pytest.approx(
-            sum(x[i] @ x[j] >= ts for i, j in ip) / len(ip))
+            sum(score[p] >= ts for p in ip) / len(ip))
     cross = [(i, j) for i, j in imp_p if groups[i] != groups[j]]
     assert res["impostor_matrix"]["x"]["y"] == pytest.approx(
-        sum(x[i] @ x[j] >= ts for i, j in cross) / len(cross))
+        sum(score[p] >= ts for p in cross) / len(cross))
     assert res["impostor_matrix"]["x"]["y"] == res["impostor_matrix"]["y"]["x"]
     # the DET points are the FMR / FNMR curves; FMR falls and FNMR rises with t
     assert np.all(np.diff(res["curves"]["fmr"]) <= 0)
@@ -259,9 +266,8 @@ def test_pair_bootstrap_is_narrower_than_subject_bootstrap():
     res = threshold_audit(emb, subj, groups, subjects=subj, target_fmr=0.01, n_boot=300)
     lo, hi = res["groups"]["a"]["fnmr_ci"]
     # pair-level bootstrap of the same rate, resampling genuine pairs as if independent
-    x = torch.nn.functional.normalize(emb, dim=1).double().numpy()
-    gen_p, _ = _naive_pairs(subj)
-    rej = np.array([x[i] @ x[j] < res["t_star"] for i, j in gen_p if groups[i] == "a"])
+    gen_p = [(i, j) for i, j in _naive_pairs(subj)[0] if groups[i] == "a"]
+    rej = pair_scores(emb, np.array(gen_p)) < res["t_star"]
     boots = [rej[g.integers(0, len(rej), len(rej))].mean() for _ in range(300)]
     plo, phi = np.percentile(boots, [2.5, 97.5])
     assert res["groups"]["a"]["fnmr"] == pytest.approx(rej.mean())
@@ -514,3 +520,35 @@ def test_binomial_tail_matches_scipy():
     for k, n, p in [(0, 10, 0.5), (7, 10, 0.5), (60, 100, 0.5), (95, 120, 0.7), (3, 3, 0.9)]:
         expected = binomtest(k, n, p, alternative="greater").pvalue
         assert binomial_tail(k, n, p) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_threshold_bootstrap_matches_naive_pair_weighting():
+    # each replicate: a pair of two subjects drawn c_a and c_b times weighs c_a * c_b, a
+    # pair within one subject c_a; the rate at the fixed T* is the weighted share
+    from nearfar.audit.groups import bootstrap_draws
+
+    g = np.random.default_rng(0)
+    subj = np.repeat(np.arange(30), 3)
+    groups = np.array(["a", "b"])[g.integers(0, 2, 30)][subj]
+    emb = torch.tensor(g.normal(size=(30, 8))[subj] + g.normal(size=(90, 8)),
+                       dtype=torch.float32)
+    res = threshold_audit(emb, subj, groups, subjects=subj, target_fmr=0.02, n_boot=60, seed=4)
+    gen_p, imp_p = _naive_pairs(subj)
+    every = np.array(gen_p + imp_p)
+    score = {(int(i), int(j)): s for (i, j), s in zip(every, pair_scores(emb, every))}
+    draws = np.concatenate(list(bootstrap_draws(30, 60, 5)))
+    for name in ("a", "b"):
+        fnmr, fmr = [], []
+        for c in draws:
+            def rate(pairs, hit, c=c):
+                w = [c[subj[i]] * (c[subj[j]] if subj[i] != subj[j] else 1) for i, j in pairs]
+                h = [hit(score[p]) for p in pairs]
+                return np.dot(w, h) / np.sum(w) if np.sum(w) else np.nan
+            inside = [(i, j) for i, j in gen_p if groups[i] == groups[j] == name]
+            fnmr.append(rate(inside, lambda s: s < res["t_star"]))
+            inside = [(i, j) for i, j in imp_p if groups[i] == groups[j] == name]
+            fmr.append(rate(inside, lambda s: s >= res["t_star"]))
+        assert res["groups"][name]["fnmr_ci"] == pytest.approx(
+            np.nanpercentile(fnmr, [2.5, 97.5]).tolist())
+        assert res["groups"][name]["fmr_ci"] == pytest.approx(
+            np.nanpercentile(fmr, [2.5, 97.5]).tolist())

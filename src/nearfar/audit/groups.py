@@ -41,14 +41,18 @@ def _natural(value: str) -> tuple[int, float | str]:
         return (1, value)
 
 
-def bootstrap_counts(units: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, N) item weights of a cluster bootstrap: each replicate draws the distinct
-    ``units`` (subjects, or items when every item is its own unit) with replacement, and
-    an item weighs as often as its unit was drawn. Pairs are never the unit."""
-    codes, inverse = np.unique(units, return_inverse=True)
+def bootstrap_draws(n_units: int, n_boot: int, seed: int, *, block: int = 64):
+    """Draw counts of a cluster bootstrap, ``block`` replicates at a time.
+
+    Each replicate draws ``n_units`` units (subjects, or items when every item is its
+    own unit) with replacement; yields (b, n_units) float arrays of how often each unit
+    was drawn, b <= block, n_boot rows in all. An item then weighs its unit's count.
+    Pairs are never the unit. Memory is O(block x n_units) whatever n_boot is.
+    """
     rng = np.random.default_rng(seed)
-    drawn = rng.multinomial(len(codes), np.full(len(codes), 1.0 / len(codes)), size=n_boot)
-    return drawn[:, inverse].astype(np.float64)
+    p = np.full(n_units, 1.0 / n_units)
+    for start in range(0, n_boot, block):
+        yield rng.multinomial(n_units, p, size=min(block, n_boot - start)).astype(np.float64)
 
 
 def units_of(subjects: np.ndarray | None, n: int) -> tuple[np.ndarray, str]:
@@ -79,5 +83,5 @@ def check_confidence(confidence: float) -> float:
     return float(confidence)
 
 
-__all__ = ["AuditError", "bootstrap_counts", "check_confidence", "encode", "interval",
+__all__ = ["AuditError", "bootstrap_draws", "check_confidence", "encode", "interval",
            "units_of"]

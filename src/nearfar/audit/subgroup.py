@@ -24,7 +24,7 @@ import numpy as np
 
 from nearfar.audit.groups import (
     AuditError,
-    bootstrap_counts,
+    bootstrap_draws,
     check_confidence,
     encode,
     interval,
@@ -85,10 +85,15 @@ def subgroup_performance(scores: Mapping[str, Sequence[float] | np.ndarray], gro
     n_groups = len(g_names)
     onehot = np.zeros((n, n_groups))
     onehot[np.arange(n), g_codes] = 1.0
-    weights = bootstrap_counts(units, n_boot, seed)           # (B, N)
-    boot_count = weights @ onehot                              # (B, G)
     sizes = onehot.sum(0)
     n_subjects = [int(len(np.unique(units[g_codes == g]))) for g in range(n_groups)]
+    # per-unit totals: a replicate's group sums are its draw counts times these
+    _, unit_index = np.unique(units, return_inverse=True)
+    n_units = int(unit_index.max()) + 1
+    unit_count = np.zeros((n_units, n_groups))
+    np.add.at(unit_count, unit_index, onehot)
+    draws = list(bootstrap_draws(n_units, n_boot, seed))
+    boot_count = np.concatenate([d @ unit_count for d in draws])            # (B, G)
 
     out: dict[str, Any] = {}
     flags: list[dict[str, Any]] = []
@@ -99,9 +104,12 @@ def subgroup_performance(scores: Mapping[str, Sequence[float] | np.ndarray], gro
                              f"{s.shape[0]}")
         point_group = (onehot * s[:, None]).sum(0) / sizes               # (G,)
         point_all = float(s.mean())
+        unit_sum = np.zeros((n_units, n_groups))
+        np.add.at(unit_sum, unit_index, onehot * s[:, None])
+        boot_sum = np.concatenate([d @ unit_sum for d in draws])          # (B, G)
         with np.errstate(all="ignore"):
-            boot_group = (weights @ (onehot * s[:, None])) / boot_count  # (B, G), NaN if absent
-            boot_all = (weights @ s) / weights.sum(1)                    # (B,)
+            boot_group = boot_sum / boot_count                            # NaN if absent
+            boot_all = boot_sum.sum(1) / boot_count.sum(1)                # (B,)
         boot_gap = boot_group - boot_all[:, None]
         boot_ratio = _ratio(boot_group, boot_all[:, None])
         groups_out: dict[str, Any] = {}

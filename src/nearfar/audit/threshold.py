@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from nearfar.audit.groups import (
     AuditError,
-    bootstrap_counts,
+    bootstrap_draws,
     check_confidence,
     encode,
     interval,
@@ -85,10 +85,13 @@ def build_pairs(identities: np.ndarray, *, max_pairs: int = 2_000_000, seed: int
 
 
 def pair_scores(emb, pairs: np.ndarray, *, chunk: int = 1 << 18) -> np.ndarray:
-    """Cosine similarity of each (i, j) pair: (P,) float64."""
-    x = F.normalize(as_embeddings(emb, "emb"), dim=1)
-    out = np.empty(len(pairs))
+    """Cosine similarity of each (i, j) pair: (P,) float64 (computed in float64)."""
+    x = F.normalize(as_embeddings(emb, "emb").double(), dim=1)
     p = torch.as_tensor(pairs)
+    if x.shape[0] ** 2 <= 2**26:                       # up to ~8k items: one matrix product
+        sim = x @ x.T
+        return sim[p[:, 0], p[:, 1]].double().numpy() if len(p) else np.zeros(0)
+    out = np.empty(len(pairs))
     for a in range(0, len(pairs), chunk):
         q = p[a:a + chunk]
         out[a:a + len(q)] = (x[q[:, 0]] * x[q[:, 1]]).sum(1).double().numpy()
@@ -140,6 +143,42 @@ def _weighted_rate(hit: np.ndarray, w_pairs: np.ndarray, cell: np.ndarray, n_cel
     den = np.bincount(cell, weights=w_pairs, minlength=n_cells)
     with np.errstate(all="ignore"):
         return np.where(den > 0, num / den, np.nan)
+
+
+def _bootstrap_rates(u_index: np.ndarray, pair_units: np.ndarray, cell: np.ndarray,
+                     hit: np.ndarray, n_cells: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_cells) rates of ``hit`` per cell under the unit bootstrap.
+
+    A pair of two units drawn c_a and c_b times weighs c_a * c_b; a pair within one unit
+    weighs c_a. Per cell the weighted sums are the bilinear forms c^T M c + v . c with M
+    the (units x units) pair counts and v the within-unit pair counts, so each replicate
+    costs one sparse product instead of a pass over every pair in Python.
+    """
+    from scipy.sparse import coo_matrix
+
+    n_units = int(u_index.max()) + 1
+    same = pair_units[:, 0] == pair_units[:, 1]
+    parts = []
+    for weights in (hit, np.ones(len(hit))):
+        mats, vecs = [], []
+        for c in range(n_cells):
+            m = (cell == c) & ~same
+            mats.append(coo_matrix((weights[m], (pair_units[m, 0], pair_units[m, 1])),
+                                   shape=(n_units, n_units)).tocsr())
+            w = (cell == c) & same
+            vecs.append(np.bincount(pair_units[w, 0], weights=weights[w], minlength=n_units))
+        parts.append((mats, np.stack(vecs, 1)))
+    out = np.empty((n_boot, n_cells))
+    row = 0
+    for draws in bootstrap_draws(n_units, n_boot, seed):
+        sums = []
+        for mats, vecs in parts:
+            bilinear = np.stack([((m.T @ draws.T).T * draws).sum(1) for m in mats], 1)
+            sums.append(bilinear + draws @ vecs)
+        with np.errstate(all="ignore"):
+            out[row:row + len(draws)] = np.where(sums[1] > 0, sums[0] / sums[1], np.nan)
+        row += len(draws)
+    return out
 
 
 def threshold_audit(emb, identities, groups, *, subjects=None,
@@ -204,23 +243,13 @@ def threshold_audit(emb, identities, groups, *, subjects=None,
 
     boot_fnmr = boot_fmr = None
     if n_boot:
-        weights = bootstrap_counts(units, n_boot, seed + 1)
-        u_gen, u_imp = units[gen_pairs], units[imp_pairs]
-        diag = np.arange(n_groups) * n_groups + np.arange(n_groups)
-        boot_fnmr = np.empty((n_boot, n_groups))
-        boot_fmr = np.empty((n_boot, n_groups))
         _, u_index = np.unique(units, return_inverse=True)
-        ug, ui = u_index[gen_pairs], u_index[imp_pairs]
-        del u_gen, u_imp
-        for b in range(n_boot):
-            per_unit = np.zeros(u_index.max() + 1)
-            per_unit[u_index] = weights[b]             # an item weighs its unit's draw count
-            wg = np.where(ug[:, 0] == ug[:, 1], per_unit[ug[:, 0]],
-                          per_unit[ug[:, 0]] * per_unit[ug[:, 1]])
-            wi = np.where(ui[:, 0] == ui[:, 1], per_unit[ui[:, 0]],
-                          per_unit[ui[:, 0]] * per_unit[ui[:, 1]])
-            boot_fnmr[b] = _weighted_rate(gen_reject, wg, gen_cell, n_groups + 1)[:n_groups]
-            boot_fmr[b] = _weighted_rate(imp_accept, wi, imp_cell, n_groups ** 2)[diag]
+        diag_imp = np.isin(imp_cell, np.arange(n_groups) * (n_groups + 1))
+        boot_fnmr = _bootstrap_rates(u_index, u_index[gen_pairs], gen_cell, gen_reject,
+                                     n_groups, n_boot, seed + 1)
+        boot_fmr = _bootstrap_rates(u_index, u_index[imp_pairs[diag_imp]],
+                                    imp_cell[diag_imp] // (n_groups + 1), imp_accept[diag_imp],
+                                    n_groups, n_boot, seed + 1)
 
     def ratio(a: float, b: float) -> float | None:
         return float(a / b) if b > 0 and np.isfinite(a) else None
