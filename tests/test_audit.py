@@ -126,7 +126,7 @@ def test_group_values_gaps_and_ratios_match_direct_computation():
         assert m["groups"][g]["ratio"] == pytest.approx(v / overall)
         lo, hi = m["groups"][g]["ci"]
         assert lo <= v <= hi
-        assert m["groups"][g]["n_subjects"] == len(set(subj[groups == g]))
+        assert m["groups"][g]["n_units"] == len(set(subj[groups == g]))
     assert res["protocol"]["resampled_unit"] == "subject"
     assert res["protocol"]["pairs_resampled"] is False
 

@@ -235,13 +235,13 @@ def render_html(record: dict[str, Any], plots: dict[str, Any]) -> str:
                                                              "per-group bars"))
         for name, m in sub["metrics"].items():
             rows = [[g, v["value"], v["ci"], v["gap"], v["gap_ci"], v["ratio"], v["n_items"],
-                     v["n_subjects"], "FLAG" if v["flagged"] else ""]
+                     v["n_units"], "FLAG" if v["flagged"] else ""]
                     for g, v in m["groups"].items()]
             rows.append(["overall", m["overall"]["value"], m["overall"]["ci"], 0.0, None, 1.0,
-                         m["overall"]["n_items"], m["overall"]["n_subjects"], ""])
+                         m["overall"]["n_items"], m["overall"]["n_units"], ""])
             parts.append(f"<h3>{html.escape(name)}</h3>" + _table(
                 ["group", "value", "interval", "gap", "gap interval", "ratio", "items",
-                 "subjects", ""], rows))
+                 "resampled units", ""], rows))
             b = m["between_groups"]
             parts.append(f"<p>best {_fmt(b['best'])}, worst {_fmt(b['worst'])}: gap "
                          f"{_fmt(b['max_gap'])} {_fmt(b['max_gap_ci'])}, ratio "

@@ -63,7 +63,8 @@ def subgroup_performance(scores: Mapping[str, Sequence[float] | np.ndarray], gro
     Returns:
         ``{"metrics": {name: {"overall": {...}, "groups": {g: {...}}, "between_groups":
         {...}}}, "flags": [...], "groups": [...], "protocol": {...}}``; each group holds
-        value, interval, gap, gap interval, ratio, ratio interval, n_items, n_subjects,
+        value, interval, gap, gap interval, ratio, ratio interval, n_items, n_units (the
+        resampled units in the group: subjects, or items),
         flagged.
     """
     if not isinstance(scores, Mapping) or not scores:
@@ -86,7 +87,7 @@ def subgroup_performance(scores: Mapping[str, Sequence[float] | np.ndarray], gro
     onehot = np.zeros((n, n_groups))
     onehot[np.arange(n), g_codes] = 1.0
     sizes = onehot.sum(0)
-    n_subjects = [int(len(np.unique(units[g_codes == g]))) for g in range(n_groups)]
+    n_units_g = [int(len(np.unique(units[g_codes == g]))) for g in range(n_groups)]
     # per-unit totals: a replicate's group sums are its draw counts times these
     _, unit_index = np.unique(units, return_inverse=True)
     n_units = int(unit_index.max()) + 1
@@ -125,7 +126,7 @@ def subgroup_performance(scores: Mapping[str, Sequence[float] | np.ndarray], gro
                 "ratio": _finite(point_group[g] / point_all) if point_all > 0 else None,
                 "ratio_ci": interval(boot_ratio[:, g], confidence),
                 "n_items": int(sizes[g]),
-                "n_subjects": n_subjects[g],
+                "n_units": n_units_g[g],
                 "flagged": flagged,
             }
             if flagged:
@@ -145,7 +146,7 @@ def subgroup_performance(scores: Mapping[str, Sequence[float] | np.ndarray], gro
                         for j, b in enumerate(g_names)} for i, a in enumerate(g_names)}
         out[metric] = {
             "overall": {"value": point_all, "ci": interval(boot_all, confidence),
-                        "n_items": n, "n_subjects": int(len(np.unique(units)))},
+                        "n_items": n, "n_units": int(len(np.unique(units)))},
             "groups": groups_out,
             "between_groups": {
                 "best": g_names[best], "worst": g_names[worst],
