@@ -26,7 +26,7 @@ from nearfar.data import ImageDataset
 from nearfar.distributed import all_gather_with_grad, rank_offset
 from nearfar.methods import Method, StepOutput, build_method
 from nearfar.train import CheckpointError, TrainConfig, Trainer, TrainingDiverged, seed_everything
-from nearfar.train.launch import LaunchError, launch_env
+from nearfar.train.launch import LaunchError, launch_env, shutdown_distributed
 
 WORLD = 2
 BATCH = 8           # per process
@@ -181,7 +181,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         out["sync_bn"] = str(exc)
 
     torch.save(out, tmp_path / f"out-{rank}.pt")
-    dist.destroy_process_group()
+    shutdown_distributed()      # every process done (a barrier), then leave
 
 
 def _free_port() -> int:
@@ -322,7 +322,8 @@ def test_torchrun_cli_trains_and_writes_one_run_dir(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={WORLD}", "-m", "nearfar", "train", "--no-progress",
            "--run-dir", str(run), "--device", "cpu",
-           "--set", "data.test_size=200", "--set", "trainer.steps=2",
+           "--set", 'data.source="digits"', "--set", "data.test_size=200",
+           "--set", "trainer.steps=2",
            "--set", 'trainer.precision="fp32"', "--set", "trainer.channels_last=false",
            "--set", "trainer.batch_size=16", "--set", "trainer.threads=1",
            "--set", "trainer.log_every=1",

@@ -83,6 +83,9 @@ def as_recipe(recipe: Recipe | dict | str | os.PathLike | None,
 def load_source(data: dict[str, Any]) -> ImageDataset:
     """The dataset a recipe's [data] section names (bundled, folder, manifest or tar shards)."""
     source, path = data["source"], data["path"]
+    if source == "text_pairs":   # (query, document) pairs from a JSONL / CSV file
+        from nearfar.api_text import load_text_source
+        return load_text_source(data)
     size = data["image_size"] or None
     gray = True if data["grayscale"] else None
     if source == "folder":
@@ -364,9 +367,12 @@ def train(recipe: Recipe | dict | str | os.PathLike | None = None, *,
     rec = as_recipe(recipe, overrides)
     many = init_distributed(rec.values["device"])   # torchrun's process group, else nothing
     try:
-        return _train(rec, recipe, overrides, run_dir, resume, progress, many)
-    finally:
-        shutdown_distributed()      # only if joined above
+        result = _train(rec, recipe, overrides, run_dir, resume, progress, many)
+    except BaseException:
+        shutdown_distributed(wait=False)    # only if joined above
+        raise
+    shutdown_distributed()
+    return result
 
 
 def _on_lead(value: Any, many: bool) -> Any:
@@ -398,6 +404,9 @@ def _train(rec: Recipe, recipe: Any, overrides: list[str] | None,
     resolve_device(values["device"])  # a bad device fails before anything is loaded or written
     seed_everything(values["seed"])
     dataset = load_source(values["data"])
+    if getattr(dataset, "modality", "image") == "text-text":   # a dual encoder on text pairs
+        from nearfar.api_text import train_text_pairs
+        return train_text_pairs(rec, values, dataset, run_dir, resume, progress, many, lead)
     train_ds, test_ds = split_source(dataset, values["data"], values["seed"])
     method = build_method_from_recipe(values, train_ds.image_shape)
     config = train_config(values, progress=progress)
@@ -434,7 +443,7 @@ def _embed_method(method, images: Tensor, device: torch.device, batch_size: int 
 
 def make_card(run_dir: Path, method, values: dict[str, Any], dataset: ImageDataset,
               train_ds: ImageDataset, test_ds: ImageDataset, results: list[dict[str, Any]],
-              recipe_source: str) -> dict[str, Any]:
+              recipe_source: str, protocol: str | None = None) -> dict[str, Any]:
     described = method.describe()
     enc_name = values["encoder"]["name"]
     encoder = encoder_section(architecture=enc_name, weights_path=run_dir / "weights.safetensors",
@@ -442,9 +451,10 @@ def make_card(run_dir: Path, method, values: dict[str, Any], dataset: ImageDatas
     data = dict(dataset.describe())
     data["splits"] = {"train": len(train_ds), "test": len(test_ds),
                       "seed": values["seed"], "stratified": train_ds.labels is not None}
-    protocol = ("frozen encoder features (projection head "
-                f"{described.get('objective', {}).get('head_downstream', 'dropped')}); "
-                "fit on the train split, scored on the held-out test split")
+    protocol = protocol or (
+        "frozen encoder features (projection head "
+        f"{described.get('objective', {}).get('head_downstream', 'dropped')}); "
+        "fit on the train split, scored on the held-out test split")
     uses = values.get("card") or {}
     declared = uses.get("intended_uses") is not None or uses.get("out_of_scope_uses") is not None
     card = build_card(method=described, encoder=encoder, dataset=data,
@@ -534,16 +544,23 @@ def _read_recipe(run_dir: Path) -> tuple[dict[str, Any], tuple[int, int, int]]:
         raise RunError(f"{path}: cannot be read ({exc})") from None
 
 
-def load(run_dir: str | os.PathLike, *, device: str = "auto") -> Encoder:
-    """The trained encoder of a run directory (weights checked against their recorded hash)."""
-    run_dir = Path(run_dir)
-    values, shape = _read_recipe(run_dir)
-    method = build_method_from_recipe(values, shape)
+def _load_weights_into(method, run_dir: Path) -> None:
     weights = load_weights(run_dir)
     missing, unexpected = method.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{run_dir}: weights do not fit the recipe's model (missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def load(run_dir: str | os.PathLike, *, device: str = "auto") -> Encoder:
+    """The trained encoder of a run directory (weights checked against their recorded hash)."""
+    run_dir = Path(run_dir)
+    values, shape = _read_recipe(run_dir)
+    if values["method"]["name"] == "dual_encoder":   # text pairs: a TextEncoder
+        from nearfar.api_text import load_text_encoder
+        return load_text_encoder(run_dir, values, device)
+    method = build_method_from_recipe(values, shape)
+    _load_weights_into(method, run_dir)
     dev = resolve_device(device)
     method.to(dev)
     try:
@@ -567,6 +584,11 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: dict[str, Any] | None = No
     chosen = check_protocols(protocols)
     enc = load(run_dir, device=device)
     values, _ = _read_recipe(Path(run_dir))
+    if values["method"]["name"] == "dual_encoder":   # text pairs: held-out retrieval
+        from nearfar.api_text import evaluate_text_pairs, split_text_pairs
+        data_cfg = {**values["data"], **(data or {})}
+        _, test_ds = split_text_pairs(load_source(data_cfg), data_cfg, values["seed"])
+        return evaluate_text_pairs(enc.method, test_ds)
     data_cfg = dict(values["data"])
     if data:
         data_cfg.update(data)

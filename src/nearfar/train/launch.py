@@ -187,10 +187,18 @@ def init_distributed(device: str | torch.device = "auto") -> bool:
     return True
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group if :func:`init_distributed` joined it (else do nothing)."""
+def shutdown_distributed(*, wait: bool = True) -> None:
+    """Leave the process group if :func:`init_distributed` joined it (else do nothing).
+
+    Args:
+        wait: first wait until every process is done (a barrier), so that none tears
+            down its connections while another still uses them; pass False when
+            leaving on an error (the others may never arrive).
+    """
     global _joined_here
     if _joined_here and dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
     _joined_here = False
 
@@ -203,9 +211,12 @@ def distributed(device: str | torch.device = "auto") -> Iterator[bool]:
     many = init_distributed(device)
     try:
         yield many
-    finally:
+    except BaseException:
         if not joined_before:
-            shutdown_distributed()
+            shutdown_distributed(wait=False)
+        raise
+    if not joined_before:
+        shutdown_distributed()
 
 
 __all__ = ["ENV_VARS", "LaunchEnv", "LaunchError", "distributed", "init_distributed",
