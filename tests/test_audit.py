@@ -552,3 +552,12 @@ def test_threshold_bootstrap_matches_naive_pair_weighting():
             np.nanpercentile(fnmr, [2.5, 97.5]).tolist())
         assert res["groups"][name]["fmr_ci"] == pytest.approx(
             np.nanpercentile(fmr, [2.5, 97.5]).tolist())
+
+
+def test_an_audit_that_cannot_run_says_why_and_the_rest_still_runs():
+    emb, y, groups, subj, _ = make_data(0, spread=2.0)
+    constant = ["x"] * len(y)                             # nothing to probe for
+    rec = audit_embeddings(emb, groups=groups, labels=y, subjects=subj, sensitive=constant,
+                           n_boot=50, threshold_boot=0).record
+    assert "leakage" not in rec["sections"] and "2 distinct values" in rec["skipped"]["leakage"]
+    assert {"subgroup", "neighbours", "threshold"} <= set(rec["sections"])

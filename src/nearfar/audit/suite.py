@@ -157,9 +157,12 @@ def audit_embeddings(emb, *, groups, labels=None, subjects=None, sensitive=None,
         if y is None:
             skipped["prompts"] = "no labels to score zero-shot predictions against"
         else:
-            sections["prompts"] = prompt_sensitivity(x, y, prompts.class_names,
-                                                     prompts.templates, prompts.encode_text,
-                                                     groups=groups)
+            try:
+                sections["prompts"] = prompt_sensitivity(x, y, prompts.class_names,
+                                                         prompts.templates, prompts.encode_text,
+                                                         groups=groups)
+            except AuditError as exc:
+                skipped["prompts"] = str(exc)
     else:
         skipped["prompts"] = "no text encoder (not an image-text run) or no prompts"
 
@@ -176,9 +179,15 @@ def audit_embeddings(emb, *, groups, labels=None, subjects=None, sensitive=None,
         skipped["ood"] = "no shifted set given (--shift)"
 
     if sensitive is not None:
-        leak = attribute_leakage(x, sensitive, subjects=subj, margin=leakage_margin, seed=seed)
-        sections["leakage"] = leak
-        if leak["flagged"]:
+        try:
+            leak = attribute_leakage(x, sensitive, subjects=subj, margin=leakage_margin,
+                                     seed=seed)
+        except AuditError as exc:
+            leak = None
+            skipped["leakage"] = str(exc)
+        if leak is not None:
+            sections["leakage"] = leak
+        if leak is not None and leak["flagged"]:
             flags.append({
                 "kind": "leakage", "probe_accuracy": leak["probe_accuracy"],
                 "majority_baseline": leak["majority_baseline"],
