@@ -232,3 +232,14 @@ def test_recipe_source_shards(shards, digits):
     values = load_recipe(None, ["data.source=shards"]).values
     with pytest.raises(RecipeError, match="recipe.data.path: expected tar shards"):
         load_source(values["data"])
+
+
+def test_meta_columns_travel_in_json_unless_json_cannot_hold_them(tmp_path):
+    ds = rgb_dataset(6)
+    ds = ImageDataset(ds.images, ds.labels, label_names=["a", "b", "c"],
+                      meta={"id": ds.meta["id"], "label_name": ["abc"[k] for k in range(3)] * 2,
+                            "source": ["x", "y"] * 3, "handle": [object()] * 6})
+    write_shards(ds, tmp_path, items_per_shard=4)
+    back = load_shards(tmp_path)
+    assert back.meta["source"] == ["x", "y"] * 3 and "handle" not in back.meta
+    assert back.label_names == ["a", "b", "c"]

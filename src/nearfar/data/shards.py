@@ -164,7 +164,8 @@ def write_shards(dataset: ImageDataset, out_dir: str | os.PathLike, items_per_sh
     """Write a dataset as webdataset-format tar shards, in dataset order.
 
     Each item becomes ``KEY.cls`` (when the dataset has labels), ``KEY.json`` (its position
-    under ``"index"`` and its meta columns that JSON can hold) and ``KEY.png``, with KEY
+    under ``"index"`` and its meta columns that JSON can hold; other columns are left out)
+    and ``KEY.png``, with KEY
     the zero-padded position. Each shard is written under a temporary name and renamed, so
     a shard that exists is complete.
 
@@ -215,8 +216,9 @@ def write_shards(dataset: ImageDataset, out_dir: str | os.PathLike, items_per_sh
 
 
 def _jsonable(values: list[Any]) -> bool:
+    """Whether a meta column can travel in the items' JSON records (else it is left out)."""
     try:
-        json.dumps(values[:1])
+        json.dumps(values)
         return True
     except (TypeError, ValueError):
         return False
