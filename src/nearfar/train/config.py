@@ -40,6 +40,9 @@ class TrainConfig:
         precision: "fp32" or "bf16" (autocast; weights and optimizer stay fp32).
         channels_last: run the encoder on channels-last tensors (fast with bf16
             convolutions on CPUs with AMX/AVX512-BF16 and on GPUs).
+        fused_optimizer: AdamW as one fused kernel over all parameters (CPU and CUDA)
+            instead of a Python loop over tensors; LARS ignores it. The update is the
+            same to float rounding (~1e-7).
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
         data_on_device: copy the whole uint8 image tensor to the device once.
         threads: CPU threads for torch during fit() (restored afterwards); 0 keeps
@@ -85,6 +88,7 @@ class TrainConfig:
     grad_clip: float = 0.0
     precision: str = "fp32"
     channels_last: bool = False
+    fused_optimizer: bool = False
     device: str = "auto"
     data_on_device: bool = True
     threads: int = 0
@@ -139,6 +143,9 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision: expected one of {', '.join(PRECISIONS)}, "
                              f"got {self.precision!r}")
+        if not isinstance(self.fused_optimizer, bool):
+            raise ValueError(f"TrainConfig.fused_optimizer: expected true or false, got "
+                             f"{self.fused_optimizer!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or "
                              f"'cuda:N', got {self.device!r}")

@@ -248,7 +248,9 @@ class Trainer:
                 trust_coefficient=cfg.lars_trust_coefficient)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas,
-                                               weight_decay=cfg.weight_decay)
+                                               weight_decay=cfg.weight_decay,
+                                               **({"fused": True} if cfg.fused_optimizer
+                                                  else {}))
         self.scheduler = WarmupCosine(self.optimizer, total_steps=self.total_steps,
                                       warmup_steps=cfg.warmup_steps,
                                       min_lr_ratio=cfg.min_lr_ratio)
