@@ -73,7 +73,7 @@ def test_state_is_plain_json_and_rebuilds_the_same_tokenizer(tok):
     assert again == tok and type(again) is type(tok)
     assert torch.equal(again.encode(TEXTS, 48), tok.encode(TEXTS, 48))
     assert build_tokenizer(state) == tok
-    with pytest.raises(ValueError, match="kind 'char' or 'word'"):
+    with pytest.raises(ValueError, match="kind 'char', 'word' or 'code'"):
         tokenizer_from_state({"kind": "bpe"})
 
 

