@@ -243,3 +243,61 @@ def test_meta_columns_travel_in_json_unless_json_cannot_hold_them(tmp_path):
     back = load_shards(tmp_path)
     assert back.meta["source"] == ["x", "y"] * 3 and "handle" not in back.meta
     assert back.label_names == ["a", "b", "c"]
+
+
+# ------------------------------------------------------------------------ training
+
+
+def _simclr():
+    from nearfar.methods import build_method
+    from nearfar.train import seed_everything
+
+    seed_everything(0)
+    return build_method("simclr", encoder="small_cnn", hidden_dim=32, out_dim=16,
+                        encoder_kwargs={"widths": (8, 16)})
+
+
+def _config(**kw):
+    from nearfar.train import TrainConfig
+
+    return TrainConfig(**{**dict(steps=14, batch_size=16, lr=1e-2, warmup_steps=2,
+                                 progress=False, tensorboard=False, log_every=1), **kw})
+
+
+def _weights(run):
+    from nearfar.train.checkpoint import load_weights
+
+    return load_weights(run)
+
+
+def test_trainer_streams_shards_across_epochs_and_resumes_exactly(shards, tmp_path):
+    from nearfar.train import Trainer
+
+    # 53 items, batches of 16 with drop_last: 3 batches per reader pass (shard order and
+    # the shuffle change per epoch); 14 steps cross 4 epoch boundaries
+    def stream():
+        return ShardStream(shards, batch_size=16, shuffle_buffer=20, seed=0, drop_last=True)
+
+    full = Trainer(_simclr(), stream(), _config(), run_dir=tmp_path / "full")
+    result = full.fit()
+    assert result.steps_run == 14 and full.epoch == 4 and full.cursor == 2
+    losses = [float(x.split('"loss": ')[1].split(",")[0]) for x in
+              (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-4:]) < sum(losses[:4])          # it learns from the stream
+
+    part = tmp_path / "part"
+    Trainer(_simclr(), stream(), _config(checkpoint_every=5), run_dir=part).fit(stop_at_step=5)
+    rest = Trainer(_simclr(), stream(), _config(checkpoint_every=5), run_dir=part)
+    rest.fit(resume=True)
+    for k, v in _weights(tmp_path / "full").items():
+        assert torch.equal(_weights(part)[k], v), k     # resumed mid-epoch, bitwise equal
+
+
+def test_trainer_stream_errors(shards):
+    from nearfar.train import Trainer
+
+    with pytest.raises(ValueError, match="TrainConfig.epochs: a stream of batches"):
+        Trainer(_simclr(), ShardStream(shards, batch_size=16), _config(epochs=1))
+    odd = ShardStream(shards, batch_size=16, shuffle_buffer=0)        # no drop_last: 5 left
+    with pytest.raises(ValueError, match="a batch of 5 items, expected TrainConfig.batch_size"):
+        Trainer(_simclr(), odd, _config(steps=4)).fit()
