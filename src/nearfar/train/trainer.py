@@ -158,14 +158,69 @@ class _LossModule(nn.Module):
         return out.loss, out.embeddings, dict(out.metrics)
 
 
+def _is_batch_stream(data: Any) -> bool:
+    return isinstance(data, (torch.utils.data.IterableDataset, torch.utils.data.DataLoader))
+
+
+class _BatchStream:
+    """Batches for data larger than memory, read in order from an iterable of batch dicts
+    (``images`` uint8 or float (B, C, H, W), optional ``labels``, ``index`` and further
+    per-item tensors); the trainer's ``epoch`` counts passes, ``cursor`` batches of this
+    pass."""
+
+    def __init__(self, source: Any, cfg: TrainConfig) -> None:
+        if cfg.epochs is not None:
+            raise ValueError("TrainConfig.epochs: a stream of batches has no known length; "
+                             "set steps instead")
+        self.source, self.batch_size, self._it = source, cfg.batch_size, None
+
+    def next_batch(self, trainer: Trainer) -> dict[str, Any]:
+        while True:
+            if self._it is None:
+                target = getattr(self.source, "dataset", self.source)
+                if callable(getattr(target, "set_epoch", None)):
+                    target.set_epoch(trainer.epoch)
+                self._it = iter(self.source)
+                for _ in range(trainer.cursor):     # resumed: skip what this pass gave
+                    next(self._it, None)
+            batch = next(self._it, None)
+            if batch is not None:
+                break
+            self._it = None
+            if trainer.cursor == 0:
+                raise ValueError("data: the stream yielded no batch in a whole pass; check "
+                                 "its shards (and that this process gets some)")
+            trainer.epoch, trainer.cursor = trainer.epoch + 1, 0
+        trainer.cursor += 1
+        x = batch.get("images") if isinstance(batch, dict) else None
+        if not isinstance(x, Tensor) or x.ndim < 2:
+            raise ValueError(f"data: expected the stream to yield dicts with an 'images' "
+                             f"tensor, got {type(batch).__name__}")
+        if x.shape[0] != self.batch_size:
+            raise ValueError(f"data: the stream yielded a batch of {x.shape[0]} items, "
+                             f"expected TrainConfig.batch_size = {self.batch_size}; build the "
+                             f"stream with that batch_size and drop_last=True")
+        out = {k: v.to(trainer.device, non_blocking=True) if isinstance(v, Tensor) else v
+               for k, v in batch.items()}
+        out["images"] = out["images"].float().div_(255.0) if x.dtype == torch.uint8 \
+            else out["images"].float()
+        out.setdefault("labels", None)
+        return out
+
+
 class Trainer:
     """Trains any :class:`~nearfar.methods.Method` on an in-memory image dataset.
 
     Args:
         method: the method (an ``nn.Module`` with ``loss(batch, generator)``,
             ``after_step(progress)``, ``describe()``); moved to the device.
-        data: an ``ImageDataset`` (uint8 or float images, optional labels) or an
-            (N, C, H, W) tensor.
+        data: an ``ImageDataset`` (uint8 or float images, optional labels), an
+            (N, C, H, W) tensor, or, for data larger than memory, a stream of batch dicts
+            (``nearfar.data.ShardStream`` or a ``DataLoader`` over one) of exactly
+            ``batch_size`` items (build it with ``drop_last=True``); a stream needs
+            ``steps`` (not ``epochs``), gets ``set_epoch(epoch)`` before every pass, and a
+            resumed run skips the batches its interrupted pass had already given (exact
+            when the stream is deterministic per epoch, as ``ShardStream`` is).
         config: a :class:`TrainConfig` (defaults if None).
         run_dir: directory for checkpoints, ``metrics.jsonl`` and ``run.json``; None
             records nothing (and cannot resume).
@@ -203,10 +258,12 @@ class Trainer:
         self.device = process_device(cfg.device) if self.world_size > 1 \
             else resolve_device(cfg.device)
 
-        images, labels, extras = _unpack_data(data)
+        self._stream = _BatchStream(data, cfg) if _is_batch_stream(data) else None
+        images, labels, extras = _unpack_data(data) if self._stream is None else \
+            (torch.zeros(0, 0, dtype=torch.uint8), None, {})   # streamed: nothing held
         self.n_items = int(images.shape[0])
         self.global_batch = cfg.batch_size * self.world_size
-        if self.global_batch > self.n_items:
+        if self._stream is None and self.global_batch > self.n_items:
             many = "" if self.world_size == 1 else \
                 f" x {self.world_size} processes = {self.global_batch} items per global batch"
             raise ValueError(f"TrainConfig.batch_size: {cfg.batch_size}{many} is larger than "
@@ -649,7 +706,8 @@ class Trainer:
                 emb = None
                 metrics: dict[str, Any] = {}
                 for micro in range(cfg.accumulate):
-                    batch = self._batch(self._next_indices())
+                    batch = self._batch(self._next_indices()) if self._stream is None \
+                        else self._stream.next_batch(self)
                     d, emb, metrics = self._forward_backward(
                         batch, cfg.accumulate, sync=micro == cfg.accumulate - 1)
                     loss_sum = d if loss_sum is None else loss_sum + d
