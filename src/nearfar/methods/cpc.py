@@ -257,7 +257,7 @@ class CPC(Method):
                 "per_anchor": "B * T - 1",
                 "exclusions": [],
             }
-        views = None
+        views: Any = ["none: positives come from the sequence itself (its future chunks)"]
         if self.views is not None:
             describe = getattr(self.views, "describe", None)
             views = describe() if callable(describe) else type(self.views).__name__
