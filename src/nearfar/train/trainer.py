@@ -123,6 +123,11 @@ def _unpack_data(data: Any) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
     under their own keys."""
     images = getattr(data, "images", data)
     labels = getattr(data, "labels", None)
+    first = next(iter((getattr(data, "extras", None) or {}).values()), None)
+    if images is None and isinstance(first, Tensor) and first.ndim >= 1:
+        # text-only data (a TextPairDataset): the items are its extras; batches carry an
+        # empty (B, 0) "images" tensor
+        images = torch.zeros(first.shape[0], 0, dtype=torch.uint8)
     if not isinstance(images, Tensor) or images.ndim < 2:
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"data: expected an ImageDataset or an (N, C, H, W) image tensor, "
