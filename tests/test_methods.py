@@ -80,7 +80,10 @@ def test_describe_has_objective_positives_negatives_modality():
     assert d["positives"]["views"]["name"] == "two_views"
     assert d["negatives"] == {"source": "in-batch", "batch_size": 32, "per_anchor": 62,
                               "exclusions": ["the anchor itself",
-                                             "its partner view (the positive)"]}
+                                             "its partner view (the positive)"],
+                              "processes": {"gather": "auto (every process's batch when "
+                                                      "torch.distributed runs with world "
+                                                      "size > 1)", "local_loss": False}}
     assert d["modality"] == "image"
     import json
 

@@ -13,6 +13,7 @@ from nearfar.distributed import resolve_gather
 from nearfar.losses import hard_negative_info_nce, info_nce, nt_xent, partner_index
 from nearfar.methods.base import StepOutput
 from nearfar.methods.metrics import false_negative_rate
+from nearfar.methods.processes import check_gather_option, check_local_loss, processes_card
 from nearfar.methods.registry import register_method
 from nearfar.methods.two_view import TwoViewMethod
 from nearfar.nn import ProjectionHead
@@ -49,6 +50,9 @@ class SimCLR(TwoViewMethod):
         grad_cache_chunk: embed the 2B views this many at a time with cached gradients
             (GradCache, Gao et al., 2021): the same loss, encoder memory of one chunk;
             BatchNorm statistics per chunk. None (default) embeds all at once.
+        gather, local_loss: under ``torchrun``, NT-Xent against every process's views
+            (:mod:`nearfar.methods.processes`). The debiased / hard-negative losses and
+            the exclusion masks stay within each process's batch.
     """
 
     name = "simclr"
@@ -59,7 +63,8 @@ class SimCLR(TwoViewMethod):
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
                  tile: int | None = None, loss: str = "nt_xent", tau_plus: float = 0.1,
                  beta: float = 1.0, exclude_same_label: bool = False,
-                 exclude_same_group: bool = False, grad_cache_chunk: int | None = None) -> None:
+                 exclude_same_group: bool = False, grad_cache_chunk: int | None = None,
+                 gather: bool | None = None, local_loss: bool = False) -> None:
         super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed,
                          grad_cache_chunk=grad_cache_chunk)
         if loss not in LOSSES:
@@ -70,6 +75,7 @@ class SimCLR(TwoViewMethod):
         self.loss_name, self.tau_plus, self.beta = loss, float(tau_plus), float(beta)
         self.exclude_same_label = bool(exclude_same_label)
         self.exclude_same_group = bool(exclude_same_group)
+        self.gather, self.local_loss = check_gather_option(gather), check_local_loss(local_loss)
         self.head = ProjectionHead(self.feature_dim, hidden_dim, out_dim, num_layers=num_layers)
         self.temperature = float(temperature)
         self.keep_head = bool(keep_head)
@@ -96,8 +102,7 @@ class SimCLR(TwoViewMethod):
         else:
             # under torch.distributed (gather None = automatic), negatives from every rank
             loss = nt_xent(z1, z2, temperature=self.temperature, tile=self.tile,
-                           gather=resolve_gather(getattr(self, "gather", None)),
-                           local_loss=getattr(self, "local_loss", False))
+                           gather=resolve_gather(self.gather), local_loss=self.local_loss)
         with torch.no_grad():
             metrics = {"positive_cosine": F.cosine_similarity(z1, z2, dim=1).mean()}
             labels = batch.get("labels")
@@ -158,6 +163,7 @@ class SimCLR(TwoViewMethod):
                 "exclusions": ["the anchor itself", "its partner view (the positive)"]
                 + (["same-label items"] if self.exclude_same_label else [])
                 + (["same-group items (batch['group'])"] if self.exclude_same_group else []),
+                "processes": processes_card(self.gather, self.local_loss),
             },
             "modality": self.modality,
             "encoder": self.encoder_card(),
