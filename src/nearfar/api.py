@@ -15,7 +15,6 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nearfar.card import (
-    build_card,
-    encoder_section,
     read_card,
     render_markdown,
-    write_card,
 )
 from nearfar.data import (
     ImageDataset,
@@ -42,15 +38,21 @@ from nearfar.durable import atomic_write_json
 from nearfar.evaluate import embed_dataset, knn_accuracy, linear_probe
 from nearfar.methods import build_method
 from nearfar.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
-from nearfar.train import TrainConfig, Trainer, seed_everything
-from nearfar.train.checkpoint import CheckpointError, load_weights
+from nearfar.rundir import (
+    EVAL_FILE,
+    RECIPE_FILE,
+    RunResult,
+    load_weights_into,
+    make_card,
+    on_lead,
+    train_config,
+)
+from nearfar.train import Trainer, seed_everything
 from nearfar.train.launch import init_distributed, shutdown_distributed
 from nearfar.train.trainer import resolve_device
 from nearfar.views import build_two_views, default_mnist_views
 from nearfar.views.temporal import temporal_signal_pairs
 
-RECIPE_FILE = "recipe.json"
-EVAL_FILE = "eval.json"
 VIEW_PRESETS = {"mnist": default_mnist_views}
 # sequences (issue 4): adjacent windows of a signal as the positive pair, and no views
 # at all for methods whose positives come from the sequence itself (CPC)
@@ -162,17 +164,6 @@ def build_method_from_recipe(values: dict[str, Any], image_shape: tuple[int, int
         raise
     except ValueError as exc:
         raise RecipeError(f"recipe.method / recipe.encoder: {exc}") from None
-
-
-def train_config(values: dict[str, Any], *, progress: bool | None = None) -> TrainConfig:
-    cfg = dict(values["trainer"])
-    cfg["seed"], cfg["device"] = values["seed"], values["device"]
-    if progress is not None:
-        cfg["progress"] = progress
-    try:
-        return TrainConfig.from_dict(cfg)
-    except ValueError as exc:
-        raise RecipeError(f"recipe.trainer: {exc}") from None
 
 
 # ------------------------------------------------------------------ evaluation
@@ -329,22 +320,6 @@ def _run_dir_for(values: dict[str, Any]) -> Path:
     return Path("runs") / f"{values['name']}-{stamp}"
 
 
-@dataclass
-class RunResult:
-    """What :func:`train` produced: where, how long, and how good on held-out data."""
-
-    run_dir: Path
-    fit: dict[str, Any]
-    results: list[dict[str, Any]]
-    card: dict[str, Any] = field(repr=False)
-
-    def metric(self, name: str) -> float | None:
-        for r in self.results:
-            if r.get("metric") == name:
-                return float(r["value"])
-        return None
-
-
 def train(recipe: Recipe | dict | str | os.PathLike | None = None, *,
           overrides: list[str] | None = None, run_dir: str | os.PathLike | None = None,
           resume: bool = False, progress: bool | None = None) -> RunResult:
@@ -375,17 +350,6 @@ def train(recipe: Recipe | dict | str | os.PathLike | None = None, *,
     return result
 
 
-def _on_lead(value: Any, many: bool) -> Any:
-    """Process 0's ``value`` on every process (itself when there is one process)."""
-    if not many:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _train(rec: Recipe, recipe: Any, overrides: list[str] | None,
            run_dir: str | os.PathLike | None, resume: bool, progress: bool | None,
            many: bool) -> RunResult:
@@ -400,7 +364,7 @@ def _train(rec: Recipe, recipe: Any, overrides: list[str] | None,
             values, _ = _read_recipe(run_dir)
             rec = recipe_from_dict(values)
     # the run directory's timestamp and a resumed recipe are process 0's
-    values, run_dir = _on_lead((values, run_dir), many)
+    values, run_dir = on_lead((values, run_dir), many)
     resolve_device(values["device"])  # a bad device fails before anything is loaded or written
     seed_everything(values["seed"])
     dataset = load_source(values["data"])
@@ -416,7 +380,7 @@ def _train(rec: Recipe, recipe: Any, overrides: list[str] | None,
                           {"recipe": values, "input_shape": list(train_ds.image_shape)})
     fit = Trainer(method, train_ds, config, run_dir=run_dir).fit(resume=resume)
     if not lead:    # waits here while process 0 evaluates and writes the card
-        results, card = _on_lead(None, many)
+        results, card = on_lead(None, many)
         return RunResult(run_dir=run_dir, fit=fit.to_dict(), results=results, card=card)
 
     device = resolve_device(values["device"])
@@ -428,7 +392,7 @@ def _train(rec: Recipe, recipe: Any, overrides: list[str] | None,
     results += evaluate_image_text(method, test_ds, test_emb)
     atomic_write_json(run_dir / EVAL_FILE, {"fit": fit.to_dict(), "results": results})
     card = make_card(run_dir, method, values, dataset, train_ds, test_ds, results, rec.source)
-    _on_lead((results, card), many)
+    on_lead((results, card), many)
     return RunResult(run_dir=run_dir, fit=fit.to_dict(), results=results, card=card)
 
 
@@ -439,35 +403,6 @@ def _embed_method(method, images: Tensor, device: torch.device, batch_size: int 
         return embed_dataset(method.embed, images, batch_size=batch_size, device=device)
     finally:
         method.train(was_training)
-
-
-def make_card(run_dir: Path, method, values: dict[str, Any], dataset: ImageDataset,
-              train_ds: ImageDataset, test_ds: ImageDataset, results: list[dict[str, Any]],
-              recipe_source: str, protocol: str | None = None) -> dict[str, Any]:
-    described = method.describe()
-    enc_name = values["encoder"]["name"]
-    encoder = encoder_section(architecture=enc_name, weights_path=run_dir / "weights.safetensors",
-                              module=method.encoder, embedding_dim=int(method.encoder.out_dim))
-    data = dict(dataset.describe())
-    data["splits"] = {"train": len(train_ds), "test": len(test_ds),
-                      "seed": values["seed"], "stratified": train_ds.labels is not None}
-    protocol = protocol or (
-        "frozen encoder features (projection head "
-        f"{described.get('objective', {}).get('head_downstream', 'dropped')}); "
-        "fit on the train split, scored on the held-out test split")
-    uses = values.get("card") or {}
-    declared = uses.get("intended_uses") is not None or uses.get("out_of_scope_uses") is not None
-    card = build_card(method=described, encoder=encoder, dataset=data,
-                      evaluation={"protocol": protocol, "results": results},
-                      seed=values["seed"], name=values["name"],
-                      benchmark={"name": f"{data.get('name', 'data')} held-out split",
-                                 "metrics": [r["metric"] for r in results]},
-                      intended_uses=uses.get("intended_uses"),
-                      out_of_scope_uses=uses.get("out_of_scope_uses"),
-                      uses_declared_by="recipe" if declared else "nearfar defaults")
-    card["recipe"] = {"source": recipe_source, "values": values}
-    write_card(run_dir, card)
-    return card
 
 
 # ------------------------------------------------------------------ loading
@@ -544,14 +479,6 @@ def _read_recipe(run_dir: Path) -> tuple[dict[str, Any], tuple[int, int, int]]:
         raise RunError(f"{path}: cannot be read ({exc})") from None
 
 
-def _load_weights_into(method, run_dir: Path) -> None:
-    weights = load_weights(run_dir)
-    missing, unexpected = method.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{run_dir}: weights do not fit the recipe's model (missing "
-                              f"{missing[:5]}, unexpected {unexpected[:5]})")
-
-
 def load(run_dir: str | os.PathLike, *, device: str = "auto") -> Encoder:
     """The trained encoder of a run directory (weights checked against their recorded hash)."""
     run_dir = Path(run_dir)
@@ -560,7 +487,7 @@ def load(run_dir: str | os.PathLike, *, device: str = "auto") -> Encoder:
         from nearfar.api_text import load_text_encoder
         return load_text_encoder(run_dir, values, device)
     method = build_method_from_recipe(values, shape)
-    _load_weights_into(method, run_dir)
+    load_weights_into(method, run_dir)
     dev = resolve_device(device)
     method.to(dev)
     try:

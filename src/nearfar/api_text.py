@@ -30,6 +30,15 @@ from nearfar.evaluate import retrieval_metrics
 from nearfar.methods import build_method
 from nearfar.nn.text import CodeTokenizer, WordTokenizer
 from nearfar.recipe import RecipeError
+from nearfar.rundir import (
+    EVAL_FILE,
+    RECIPE_FILE,
+    RunResult,
+    load_weights_into,
+    make_card,
+    on_lead,
+    train_config,
+)
 from nearfar.train import Trainer
 
 #: recipe [method] keys read here (vocabulary building), not passed to the method
@@ -120,8 +129,6 @@ def evaluate_text_pairs(method, test_ds: TextPairDataset, *, ks: Sequence[int] =
 def train_text_pairs(rec, values: dict[str, Any], dataset: TextPairDataset, run_dir: Path,
                      resume: bool, progress: bool | None, many: bool, lead: bool):
     """:func:`nearfar.api.train` for text pairs (see the module docstring)."""
-    from nearfar.api import EVAL_FILE, RECIPE_FILE, RunResult, _on_lead, make_card, train_config
-
     train_ds, test_ds = split_text_pairs(dataset, values["data"], values["seed"])
     saved_tokenizer = None
     if resume and (run_dir / RECIPE_FILE).exists():
@@ -140,7 +147,7 @@ def train_text_pairs(rec, values: dict[str, Any], dataset: TextPairDataset, run_
     trainable.extras = tokens
     fit = Trainer(method, trainable, config, run_dir=run_dir).fit(resume=resume)
     if not lead:
-        results, card = _on_lead(None, many)
+        results, card = on_lead(None, many)
         return RunResult(run_dir=run_dir, fit=fit.to_dict(), results=results, card=card)
     results = evaluate_text_pairs(method, test_ds)
     atomic_write_json(run_dir / EVAL_FILE, {"fit": fit.to_dict(), "results": results})
@@ -148,7 +155,7 @@ def train_text_pairs(rec, values: dict[str, Any], dataset: TextPairDataset, run_
                      protocol="query and document embeddings of the trained towers (cosine); "
                               "retrieval among all held-out documents, on groups held out "
                               "of training")
-    _on_lead((results, card), many)
+    on_lead((results, card), many)
     return RunResult(run_dir=run_dir, fit=fit.to_dict(), results=results, card=card)
 
 
@@ -176,7 +183,6 @@ def load_text_encoder(run_dir: str | os.PathLike, values: dict[str, Any],
                       device: str = "auto") -> TextEncoder:
     import json
 
-    from nearfar.api import RECIPE_FILE, _load_weights_into
     from nearfar.card import read_card
     from nearfar.train.trainer import resolve_device
 
@@ -186,7 +192,7 @@ def load_text_encoder(run_dir: str | os.PathLike, values: dict[str, Any],
         raise RecipeError(f"{run_dir}/recipe.json: has no tokenizer; was it written by an "
                           f"older nearfar?")
     method = build_dual_encoder(values, None, saved["tokenizer"])
-    _load_weights_into(method, run_dir)
+    load_weights_into(method, run_dir)
     dev = resolve_device(device)
     method.to(dev)
     try:
