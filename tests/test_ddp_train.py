@@ -113,6 +113,19 @@ class GatheredNTXent(Method):
         return {"method": self.name}
 
 
+def mirror_views(x, generator=None):
+    """Deterministic views: the image and its mirror (no per-process random stream)."""
+    return x, x.flip(-1)
+
+
+def flat_simclr():
+    """The library's SimCLR with an encoder and head without BatchNorm and deterministic
+    views; under several processes it gathers its negatives (gather=None: automatic)."""
+    seed_everything(0)
+    return build_method("simclr", encoder=FlatEncoder(), views=mirror_views, temperature=0.5,
+                        num_layers=1, out_dim=8)
+
+
 def reference_nt_xent(x, encoder):
     """NT-Xent on one process, straight from the definition, in float64."""
     z = F.normalize(encoder(torch.cat([x, x.flip(-1)])).double(), dim=1)
@@ -164,6 +177,10 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     Trainer(method, data, quiet(steps=3, batch_size=BATCH, optimizer="lars", lr=0.1,
                                 collapse_std=0)).fit()
     out["gathered"] = params_and_grads(method)
+    method = flat_simclr()
+    Trainer(method, data, quiet(steps=3, batch_size=BATCH, optimizer="lars", lr=0.1,
+                                collapse_std=0)).fit()
+    out["simclr"] = params_and_grads(method)
 
     # 4. a NaN on process 1 only, at step 2: every process stops there, unchanged
     method = GatheredNTXent(nan_on=(1, 2))
@@ -241,20 +258,22 @@ def test_resume_across_processes_is_exact(two_processes):
             assert torch.equal(r["a"][k], r["b"][k]), k
 
 
-def test_two_processes_match_one_process_on_the_whole_batch(two_processes):
+@pytest.mark.parametrize("scenario", ["gathered", "simclr"])
+def test_two_processes_match_one_process_on_the_whole_batch(two_processes, scenario):
     _, (r0, r1) = two_processes
     # one process, batch 2b: the same global order (same seed), the same three steps
-    method = GatheredNTXent()
+    method = GatheredNTXent() if scenario == "gathered" else flat_simclr()
     Trainer(method, tiny_data(), quiet(steps=3, batch_size=WORLD * BATCH, optimizer="lars",
                                        lr=0.1, collapse_std=0)).fit()
     weights, grads = params_and_grads(method)
-    # the gathered loss is NT-Xent over the whole batch (independent formula)
-    x = tiny_data().images[:WORLD * BATCH].float() / 255
-    assert torch.allclose(GatheredNTXent().loss({"images": x}).loss.double(),
-                          reference_nt_xent(x, GatheredNTXent().encoder), atol=1e-5)
+    if scenario == "gathered":
+        # the test's gathered loss is NT-Xent over the whole batch (independent formula)
+        x = tiny_data().images[:WORLD * BATCH].float() / 255
+        assert torch.allclose(GatheredNTXent().loss({"images": x}).loss.double(),
+                              reference_nt_xent(x, GatheredNTXent().encoder), atol=1e-5)
     for r in (r0, r1):
-        w2, g2 = r["gathered"]
-        assert grads.keys() == g2.keys() and len(grads) == 4
+        w2, g2 = r[scenario]
+        assert grads.keys() == g2.keys() and len(grads) >= 4
         for k in grads:
             scale = grads[k].abs().max()
             assert scale > 0
