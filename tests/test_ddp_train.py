@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,7 +191,16 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     except TrainingDiverged as exc:
         out["nan"] = exc.step
 
-    # 5. SyncBatchNorm needs GPUs: a clear error on every process, before any step
+    # 5. process 1's clock says the time budget is spent, process 0's does not: both
+    # leave the loop at the same step (else process 0 would wait for it forever)
+    trainer = Trainer(GatheredNTXent(), data, quiet(steps=4, batch_size=BATCH, collapse_std=0,
+                                                    time_budget_s=1e9))
+    if rank == 1:
+        trainer.config.time_budget_s = 1e-9
+    result = trainer.fit()
+    out["budget"] = (result.stopped, result.step)
+
+    # 6. SyncBatchNorm needs GPUs: a clear error on every process, before any step
     try:
         Trainer(tiny_simclr(), data, quiet(steps=1, batch_size=BATCH, sync_batchnorm=True))
         out["sync_bn"] = None
@@ -212,8 +222,15 @@ def two_processes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         assert key not in os.environ, "run the test suite itself without torchrun"
-    mp.start_processes(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=2):      # raises if a process failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the processes did not finish in 180 s: a collective reached by "
+                        "only some of them?")
     outs = [torch.load(tmp / f"out-{r}.pt", weights_only=False) for r in range(WORLD)]
     return tmp, outs
 
@@ -285,6 +302,11 @@ def test_two_processes_match_one_process_on_the_whole_batch(two_processes, scena
 def test_a_nan_on_one_process_stops_every_process(two_processes):
     _, (r0, r1) = two_processes
     assert r0["nan"] == 2 and r1["nan"] == 2
+
+
+def test_the_time_budget_stops_every_process_at_the_same_step(two_processes):
+    _, (r0, r1) = two_processes
+    assert r0["budget"] == r1["budget"] == ("time_budget", 0)
 
 
 def test_resuming_with_another_world_size_is_refused_unless_asked(two_processes):
