@@ -38,6 +38,10 @@ class BarlowTwins(TwoViewMethod):
             tuned for D = 8192).
         gather: batch statistics over every process's batch (None: when
             torch.distributed runs with world size > 1).
+        grad_cache_chunk: embed the 2B views this many at a time with cached gradients
+            (GradCache, Gao et al., 2021): the same loss over the whole batch, encoder and
+            projector memory of one chunk; BatchNorm statistics per chunk. None (default)
+            embeds all at once.
     """
 
     name = "barlow_twins"
@@ -46,8 +50,9 @@ class BarlowTwins(TwoViewMethod):
                  *, hidden_dim: int = 512, out_dim: int = 512, num_layers: int = 3,
                  lambda_offdiag: float = 5e-3,
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
-                 gather: bool | None = None) -> None:
-        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+                 gather: bool | None = None, grad_cache_chunk: int | None = None) -> None:
+        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed,
+                         grad_cache_chunk=grad_cache_chunk)
         self.gather = check_gather_option(gather)
         self.lambda_offdiag = check_number(lambda_offdiag, "lambda_offdiag", low=0.0)
         self.projector = ProjectionHead(self.feature_dim, hidden_dim, out_dim,
@@ -56,8 +61,8 @@ class BarlowTwins(TwoViewMethod):
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
              ) -> StepOutput:
         _, v1, v2 = self.draw_views(batch, generator)
-        views = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
-        z1, z2 = self.projector(self.encoder(views)).float().chunk(2)
+        z1, z2 = self.embed_views(lambda v: self.projector(self.encode(v)),
+                                  torch.cat([v1, v2])).float().chunk(2)
         loss = barlow_twins(z1, z2, lambda_offdiag=self.lambda_offdiag,
                             gather=gathering(self.gather))
         with torch.no_grad():

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from nearfar.losses import negative_cosine
 from nearfar.methods.base import StepOutput
@@ -39,6 +39,11 @@ class BYOL(TwoViewMethod):
             need less, e.g. 0.99), raised to 1.0 along a cosine when
             ``momentum_schedule="cosine"``.
         momentum_schedule: "cosine" or "constant".
+        grad_cache_chunk: run the online network (backbone, projector, predictor) over
+            the 2B views this many at a time with cached gradients (GradCache, Gao et
+            al., 2021): the same loss, online activation memory of one chunk; BatchNorm
+            statistics per chunk. The target runs under no_grad on all views at once.
+            None (default) embeds all at once.
     """
 
     name = "byol"
@@ -46,8 +51,10 @@ class BYOL(TwoViewMethod):
     def __init__(self, encoder: nn.Module | str = "small_cnn", views: Callable | None = None,
                  *, hidden_dim: int = 512, out_dim: int = 128, predictor_hidden_dim: int = 512,
                  base_momentum: float = 0.996, momentum_schedule: str = "cosine",
-                 encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> None:
-        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+                 encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
+                 grad_cache_chunk: int | None = None) -> None:
+        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed,
+                         grad_cache_chunk=grad_cache_chunk)
         self.projector = ProjectionHead(self.feature_dim, hidden_dim, out_dim, num_layers=2)
         self.predictor = PredictionHead(out_dim, predictor_hidden_dim)
         self.target = EMA(self._online(), base_momentum, schedule=momentum_schedule)
@@ -55,18 +62,23 @@ class BYOL(TwoViewMethod):
     def _online(self) -> nn.Module:
         return nn.Sequential(self.encoder, self.projector)
 
+    def _project_predict(self, v: Tensor) -> Tensor:
+        """[projection | prediction], (n, 2 * out_dim): one tensor for embed_views."""
+        z = self.projector(self.encode(v))
+        return torch.cat([z, self.predictor(z)], dim=1)
+
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
              ) -> StepOutput:
         _, v1, v2 = self.draw_views(batch, generator)
         views = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
-        z = self.projector(self.encoder(views))
-        p1, p2 = self.predictor(z).float().chunk(2)
+        z, p = self.embed_views(self._project_predict, views).float().chunk(2, dim=1)
+        p1, p2 = p.chunk(2)
         with torch.no_grad():
             t1, t2 = self.target(views).float().chunk(2)
         # symmetrised: each view's prediction regresses the target of the other view
         loss = negative_cosine(p1, t2) + negative_cosine(p2, t1)
         with torch.no_grad():
-            z1 = z.float().chunk(2)[0]
+            z1 = z.chunk(2)[0]
             metrics = {"momentum": self.target.last_momentum.clone(),
                        "target_cosine": F.cosine_similarity(t1, t2, dim=1).mean()}
         return StepOutput(loss=loss, metrics=metrics, embeddings=z1.detach())

@@ -87,6 +87,12 @@ class DINO(TwoViewMethod):
             one, and its BatchNorm statistics come from global views only) or "student".
         gather: the center update averages the teacher mean over every process (None:
             when torch.distributed runs with world size > 1).
+        grad_cache_chunk: run the student (backbone + head) this many crops at a time
+            with cached gradients (GradCache, Gao et al., 2021): the same loss, student
+            activation memory of one chunk. The 2B global views and the local crops
+            (another size) are chunked separately, each group in one cached pass;
+            BatchNorm statistics are per chunk. The teacher runs under no_grad on the
+            global views at once. None (default) embeds each group at once.
     """
 
     name = "dino"
@@ -101,8 +107,9 @@ class DINO(TwoViewMethod):
                  momentum_schedule: str = "cosine", freeze_prototypes: float = 0.0,
                  embed_with: str = "teacher",
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
-                 gather: bool | None = None) -> None:
-        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+                 gather: bool | None = None, grad_cache_chunk: int | None = None) -> None:
+        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed,
+                         grad_cache_chunk=grad_cache_chunk)
         self.gather = check_gather_option(gather)
         if embed_with not in ("teacher", "student"):
             raise ValueError(f"embed_with: expected 'teacher' or 'student', got {embed_with!r}")
@@ -172,13 +179,17 @@ class DINO(TwoViewMethod):
         k = self.head.num_prototypes
         glob = torch.cat([g1, g2]).contiguous(memory_format=self.memory_format)
         frozen = self.freeze_prototypes > 0 and float(self.progress) < self.freeze_prototypes
-        student = [self.head(self.encoder(glob), freeze_prototypes=frozen).float()
-                   .view(2, n, k)]
+
+        def student_fn(v: Tensor) -> Tensor:
+            return self.head(self.encode(v), freeze_prototypes=frozen)
+
+        # one (cached) pass per crop size: the global views, then the local crops
+        student = [self.embed_views(student_fn, glob).float().view(2, n, k)]
         if self.local_crops:
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 loc = self.local_views(x, g)
             loc = loc.contiguous(memory_format=self.memory_format)
-            student.append(self.head(self.encoder(loc), freeze_prototypes=frozen).float()
+            student.append(self.embed_views(student_fn, loc).float()
                            .view(self.local_crops, n, k))
         student_logits = torch.cat(student)                    # (2 + local_crops, N, K)
         with torch.no_grad():

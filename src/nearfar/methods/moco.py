@@ -75,6 +75,11 @@ class MoCoV2(TwoViewMethod):
         tile: rows per tile of the exact memory-linear path (None: automatic).
         gather: enqueue every process's keys (None: when torch.distributed runs with
             world size > 1), so all ranks share one queue; see the module docstring.
+        grad_cache_chunk: run the query branch (encoder + head) over the B query views
+            this many at a time with cached gradients (GradCache, Gao et al., 2021): the
+            same loss, query activation memory of one chunk; BatchNorm statistics per
+            chunk. The key encoder runs under no_grad on all keys at once. None (default)
+            embeds all at once.
     """
 
     name = "moco_v2"
@@ -84,8 +89,10 @@ class MoCoV2(TwoViewMethod):
                  out_dim: int = 128, head_batch_norm: bool = True, base_momentum: float = 0.99,
                  momentum_schedule: str = "cosine", exclude_same_item: bool = True,
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
-                 tile: int | None = None, gather: bool | None = None) -> None:
-        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+                 tile: int | None = None, gather: bool | None = None,
+                 grad_cache_chunk: int | None = None) -> None:
+        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed,
+                         grad_cache_chunk=grad_cache_chunk)
         self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
         self.gather = check_gather_option(gather)
         check_int(queue_size, "queue_size")
@@ -103,7 +110,7 @@ class MoCoV2(TwoViewMethod):
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
              ) -> StepOutput:
         _, v1, v2 = self.draw_views(batch, generator)
-        q = self.head(self.encode(v1)).float()
+        q = self.embed_views(lambda v: self.head(self.encode(v)), v1).float()
         with torch.no_grad():
             k = F.normalize(self.key_encoder(v2.contiguous(memory_format=self.memory_format))
                             .float(), dim=1)
@@ -236,6 +243,11 @@ class MoCoV3(TwoViewMethod):
         local_loss: with gather, each rank scores only its own queries (the reference
             MoCo v3); False scores every rank's queries on every rank (same gradient,
             the same loss value on every rank).
+        grad_cache_chunk: run the query branch (encoder, projector, predictor) over the
+            2B views this many at a time with cached gradients (GradCache, Gao et al.,
+            2021): the same loss, query activation memory of one chunk; BatchNorm
+            statistics per chunk. The momentum encoder runs under no_grad on all views at
+            once. None (default) embeds all at once.
     """
 
     name = "moco_v3"
@@ -246,8 +258,9 @@ class MoCoV3(TwoViewMethod):
                  momentum_schedule: str = "cosine",
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
                  tile: int | None = None, gather: bool | None = None,
-                 local_loss: bool = False) -> None:
-        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+                 local_loss: bool = False, grad_cache_chunk: int | None = None) -> None:
+        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed,
+                         grad_cache_chunk=grad_cache_chunk)
         self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
         self.gather = check_gather_option(gather)
         self.local_loss = check_local_loss(local_loss)
@@ -268,7 +281,8 @@ class MoCoV3(TwoViewMethod):
              ) -> StepOutput:
         _, v1, v2 = self.draw_views(batch, generator)
         views = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
-        q1, q2 = self.predictor(self.projector(self.encoder(views))).float().chunk(2)
+        q1, q2 = self.embed_views(lambda v: self.predictor(self.projector(self.encode(v))),
+                                  views).float().chunk(2)
         with torch.no_grad():
             k1, k2 = self.momentum_encoder(views).float().chunk(2)
         loss = self._contrast(q1, k2) + self._contrast(q2, k1)

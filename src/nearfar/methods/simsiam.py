@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from nearfar.losses import negative_cosine
 from nearfar.methods.base import StepOutput
@@ -34,27 +34,38 @@ class SimSiam(TwoViewMethod):
         encoder, views, encoder_kwargs, seed: as :class:`~nearfar.methods.SimCLR`.
         hidden_dim, out_dim: the projector (SimSiam: 2048, 2048).
         predictor_hidden_dim: the predictor's bottleneck (SimSiam: 512 = out_dim / 4).
+        grad_cache_chunk: embed the 2B views this many at a time with cached gradients
+            (GradCache, Gao et al., 2021): the same loss, encoder, projector and predictor
+            memory of one chunk; BatchNorm statistics per chunk (the projector's output
+            BatchNorm included). None (default) embeds all at once.
     """
 
     name = "simsiam"
 
     def __init__(self, encoder: nn.Module | str = "small_cnn", views: Callable | None = None,
                  *, hidden_dim: int = 512, out_dim: int = 512, predictor_hidden_dim: int = 128,
-                 encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> None:
-        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+                 encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
+                 grad_cache_chunk: int | None = None) -> None:
+        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed,
+                         grad_cache_chunk=grad_cache_chunk)
         self.projector = nn.Sequential(
             ProjectionHead(self.feature_dim, hidden_dim, out_dim, num_layers=3),
             nn.BatchNorm1d(out_dim, affine=False),
         )
         self.predictor = PredictionHead(out_dim, predictor_hidden_dim)
 
+    def _project_predict(self, v: Tensor) -> Tensor:
+        """[projection | prediction], (n, 2 * out_dim): one tensor for embed_views."""
+        z = self.projector(self.encode(v))
+        return torch.cat([z, self.predictor(z)], dim=1)
+
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
              ) -> StepOutput:
         _, v1, v2 = self.draw_views(batch, generator)
-        views = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
-        z = self.projector(self.encoder(views))
-        p1, p2 = self.predictor(z).float().chunk(2)
-        z1, z2 = z.float().chunk(2)
+        z, p = self.embed_views(self._project_predict, torch.cat([v1, v2])).float() \
+            .chunk(2, dim=1)
+        p1, p2 = p.chunk(2)
+        z1, z2 = z.chunk(2)
         # negative_cosine detaches its target: the stop-gradient of SimSiam
         loss = (negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2
         with torch.no_grad():

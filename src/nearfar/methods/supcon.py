@@ -55,8 +55,9 @@ class _SupConBase(TwoViewMethod):
                  hidden_dim: int, out_dim: int, num_layers: int,
                  encoder_kwargs: Mapping[str, Any] | None, seed: int,
                  tile: int | None, gather: bool | None = None,
-                 local_loss: bool = False) -> None:
-        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+                 local_loss: bool = False, grad_cache_chunk: int | None = None) -> None:
+        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed,
+                         grad_cache_chunk=grad_cache_chunk)
         self.gather = check_gather_option(gather)
         self.local_loss = check_local_loss(local_loss)
         self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
@@ -66,8 +67,7 @@ class _SupConBase(TwoViewMethod):
     def _project(self, batch: dict[str, Any], generator: torch.Generator | None
                  ) -> tuple[Tensor, Tensor]:
         _, v1, v2 = self.draw_views(batch, generator)
-        views = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
-        z = self.head(self.encoder(views)).float()
+        z = self.embed_views(lambda v: self.head(self.encode(v)), torch.cat([v1, v2])).float()
         return z.chunk(2)
 
     def _objective_card(self, loss: str) -> dict[str, Any]:
@@ -87,6 +87,10 @@ class SupCon(_SupConBase):
             torch.distributed runs with world size > 1).
         local_loss: with gather, each rank scores only its own views as anchors (the
             same gradient, less work per rank).
+        grad_cache_chunk: embed the 2B views this many at a time with cached gradients
+            (GradCache, Gao et al., 2021): the same loss over the whole batch, encoder
+            memory of one chunk; BatchNorm statistics per chunk. None (default) embeds
+            all at once.
 
     Every batch must carry labels (``batch["labels"]``, no -1): a clear error otherwise.
     """
@@ -97,10 +101,11 @@ class SupCon(_SupConBase):
                  *, temperature: float = 0.1, hidden_dim: int = 512, out_dim: int = 128,
                  num_layers: int = 2, encoder_kwargs: Mapping[str, Any] | None = None,
                  seed: int = 0, tile: int | None = None, gather: bool | None = None,
-                 local_loss: bool = False) -> None:
+                 local_loss: bool = False, grad_cache_chunk: int | None = None) -> None:
         super().__init__(encoder, views, temperature=temperature, hidden_dim=hidden_dim,
                          out_dim=out_dim, num_layers=num_layers, encoder_kwargs=encoder_kwargs,
-                         seed=seed, tile=tile, gather=gather, local_loss=local_loss)
+                         seed=seed, tile=tile, gather=gather, local_loss=local_loss,
+                         grad_cache_chunk=grad_cache_chunk)
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
              ) -> StepOutput:
@@ -160,6 +165,10 @@ class SupConMixed(_SupConBase):
         hidden_dim, out_dim, num_layers: the projection head.
         gather, local_loss: as :class:`SupCon` (``local_loss`` applies to the NT-Xent
             term; the supervised term is computed whole on every rank).
+        grad_cache_chunk: embed the 2B views this many at a time with cached gradients
+            (GradCache, Gao et al., 2021): the same loss over the whole batch, encoder
+            memory of one chunk; BatchNorm statistics per chunk. None (default) embeds
+            all at once.
 
     Labels of -1 mark unlabelled items; a batch without any labels at all is an error
     (use ``simclr``).
@@ -172,10 +181,11 @@ class SupConMixed(_SupConBase):
                  labelled_fraction: float = 1.0, hidden_dim: int = 512, out_dim: int = 128,
                  num_layers: int = 2, encoder_kwargs: Mapping[str, Any] | None = None,
                  seed: int = 0, tile: int | None = None, gather: bool | None = None,
-                 local_loss: bool = False) -> None:
+                 local_loss: bool = False, grad_cache_chunk: int | None = None) -> None:
         super().__init__(encoder, views, temperature=temperature, hidden_dim=hidden_dim,
                          out_dim=out_dim, num_layers=num_layers, encoder_kwargs=encoder_kwargs,
-                         seed=seed, tile=tile, gather=gather, local_loss=local_loss)
+                         seed=seed, tile=tile, gather=gather, local_loss=local_loss,
+                         grad_cache_chunk=grad_cache_chunk)
         self.supervised_weight = check_number(supervised_weight, "supervised_weight", low=0.0)
         self.labelled_fraction = check_number(labelled_fraction, "labelled_fraction", low=0.0,
                                               high=1.0, low_open=True)

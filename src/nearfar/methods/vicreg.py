@@ -36,6 +36,10 @@ class VICReg(TwoViewMethod):
         invariance_weight, variance_weight, covariance_weight: (paper: 25, 25, 1).
         gather: batch statistics over every process's batch (None: when
             torch.distributed runs with world size > 1).
+        grad_cache_chunk: embed the 2B views this many at a time with cached gradients
+            (GradCache, Gao et al., 2021): the same loss over the whole batch, encoder and
+            expander memory of one chunk; BatchNorm statistics per chunk. None (default)
+            embeds all at once.
     """
 
     name = "vicreg"
@@ -45,8 +49,9 @@ class VICReg(TwoViewMethod):
                  invariance_weight: float = 25.0, variance_weight: float = 25.0,
                  covariance_weight: float = 1.0,
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
-                 gather: bool | None = None) -> None:
-        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed)
+                 gather: bool | None = None, grad_cache_chunk: int | None = None) -> None:
+        super().__init__(encoder, views, encoder_kwargs=encoder_kwargs, seed=seed,
+                         grad_cache_chunk=grad_cache_chunk)
         self.gather = check_gather_option(gather)
         self.weights = {
             "invariance": check_number(invariance_weight, "invariance_weight", low=0.0),
@@ -59,8 +64,8 @@ class VICReg(TwoViewMethod):
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
              ) -> StepOutput:
         _, v1, v2 = self.draw_views(batch, generator)
-        views = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
-        z1, z2 = self.expander(self.encoder(views)).float().chunk(2)
+        z1, z2 = self.embed_views(lambda v: self.expander(self.encode(v)),
+                                  torch.cat([v1, v2])).float().chunk(2)
         terms = vicreg_terms(z1, z2, gather=gathering(self.gather))
         # the VICReg loss: the same weighted sum as nearfar.losses.vicreg, terms kept to log
         loss = (self.weights["invariance"] * terms.invariance
