@@ -39,13 +39,16 @@ timed; their seconds are reported.
     python benchmarks/throughput.py --variant 'fp32:trainer.precision="fp32"'
 
 A ``--variant LABEL:KEY=VALUE[;KEY=VALUE...]`` adds a row: the nearfar default recipe
-with those overrides on top.
+with those overrides on top. ``--paired`` runs every row in one process instead, a few
+steps each in turn (``--steps 2 --repeats 16``): each round's rows then see the same
+load, which gives tighter ratios on a busy machine than separate processes do.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -76,7 +79,8 @@ def _train_split(recipe):
     return train
 
 
-def worker_nearfar(overrides: list[str], plain: bool, warmup: int, steps: int) -> dict:
+def nearfar_runner(overrides: list[str], plain: bool):
+    """(run(k) -> last loss, images per step, settings): k steps of the recipe's Trainer."""
     import nearfar.api as api
     from nearfar.train import TrainConfig, Trainer
 
@@ -89,30 +93,26 @@ def worker_nearfar(overrides: list[str], plain: bool, warmup: int, steps: int) -
     cfg = api.train_config(recipe.values, progress=False)
     method = api.build_method_from_recipe(recipe.values, train.image_shape)
     trainer = Trainer(method, train, cfg)
-    t0 = time.perf_counter()
-    trainer.fit(stop_at_step=warmup)  # allocator, thread pool, autocast caches
-    warm_s = time.perf_counter() - t0
-    c0, t0 = time.process_time(), time.perf_counter()
-    fit = trainer.fit(stop_at_step=warmup + steps)
-    cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - t0
-    images = fit.steps_run * cfg.batch_size * cfg.accumulate
+
+    def run(k: int) -> float | None:
+        return trainer.fit(stop_at_step=trainer.step + k).final_loss
+
     settings = {k: getattr(cfg, k) for k in PLAIN if k in known}
-    return {"images_per_s": images / wall_s, "cpu_images_per_s": images / cpu_s,
-            "warmup_s": warm_s, "loss": fit.final_loss, "settings": settings}
+    return run, cfg.batch_size * cfg.accumulate, settings
 
 
-def worker_lightly(overrides: list[str], tuned: bool, warmup: int, steps: int) -> dict:
+def lightly_runner(overrides: list[str], tuned: bool):
+    """(run(k) -> last loss, images per step, settings): k steps of the plain lightly loop;
+    ImportError when lightly is not installed."""
     import torch
 
     sys.path.insert(0, str(HERE))
     import _torchvision_stub
 
     _torchvision_stub.install()
-    try:
-        from lightly.loss import NTXentLoss
-        from lightly.models.modules import SimCLRProjectionHead
-    except ImportError as exc:
-        return {"error": f"lightly not available ({exc})"}
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+
     import nearfar.api as api
     from nearfar.nn import build_encoder
     from nearfar.train.schedule import WarmupCosine
@@ -152,29 +152,76 @@ def worker_lightly(overrides: list[str], tuned: bool, warmup: int, steps: int) -
         sched.step()
         return float(loss.detach())
 
+    def run(k: int) -> float:
+        loss = math.nan
+        for _ in range(k):
+            loss = step()
+        return loss
+
+    return run, bs, {"precision": "fp32", "channels_last": tuned, "fused_optimizer": tuned}
+
+
+def make_runner(impl: str, overrides: list[str], extra: list[str]):
+    if impl.startswith("nearfar"):
+        return nearfar_runner(overrides + extra, impl == "nearfar-plain")
+    return lightly_runner(overrides, impl == "lightly-tuned")
+
+
+def worker(impl: str, overrides: list[str], extra: list[str], warmup: int, steps: int) -> dict:
+    try:
+        run, per_step, settings = make_runner(impl, overrides, extra)
+    except ImportError as exc:
+        return {"error": f"not available ({exc})"}
     t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
+    run(warmup)  # allocator, thread pool, autocast caches
     warm_s = time.perf_counter() - t0
     c0, t0 = time.process_time(), time.perf_counter()
-    for _ in range(steps):
-        loss = step()
+    loss = run(steps)
     cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - t0
-    return {"images_per_s": steps * bs / wall_s, "cpu_images_per_s": steps * bs / cpu_s,
-            "warmup_s": warm_s, "loss": loss,
-            "settings": {"precision": "fp32", "channels_last": tuned, "fused_optimizer": tuned}}
+    return {"images_per_s": steps * per_step / wall_s,
+            "cpu_images_per_s": steps * per_step / cpu_s,
+            "warmup_s": warm_s, "loss": loss, "settings": settings}
+
+
+def paired(impls: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every row in this one process, ``--steps`` steps each in turn, ``--repeats`` rounds:
+    each round's rows see the same machine load (CPU time per step; tighter ratios than
+    separate processes, at the price of sharing one allocator and cache)."""
+    import torch
+
+    torch.set_num_threads(int(args.threads))
+    runners = {}
+    for impl in impls:
+        try:
+            runners[impl] = make_runner(impl, args.set, args.variants.get(impl, []))
+        except ImportError as exc:
+            print(f"{impl}: not available ({exc})", file=sys.stderr)
+    warm = {}
+    for impl, (run, _, _) in runners.items():
+        t0 = time.perf_counter()
+        run(args.warmup)
+        warm[impl] = time.perf_counter() - t0
+    rows: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for round_ in range(args.repeats):
+        for impl, (run, per_step, settings) in runners.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            run(args.steps)
+            cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - t0
+            rows[impl].append({"images_per_s": args.steps * per_step / wall_s,
+                               "cpu_images_per_s": args.steps * per_step / cpu_s,
+                               "warmup_s": warm[impl], "settings": settings})
+        print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    for impl in impls:
+        if not rows[impl]:
+            rows[impl] = [{"error": "not available"}] * args.repeats
+    return rows
 
 
 def run_worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.worker in ("nearfar", "nearfar-plain"):
-        out = worker_nearfar(args.set, args.worker == "nearfar-plain", args.warmup, args.steps)
-    elif args.worker.startswith("nearfar+"):
-        out = worker_nearfar(args.set + args.extra, False, args.warmup, args.steps)
-    else:
-        out = worker_lightly(args.set, args.worker == "lightly-tuned", args.warmup, args.steps)
+    out = worker(args.worker, args.set, args.extra, args.warmup, args.steps)
     out.update(impl=args.worker, threads=torch.get_num_threads(), torch=torch.__version__)
     print(json.dumps(out))
 
@@ -259,6 +306,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write every run's result to this file")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE;...",
                     help="an extra nearfar row with these recipe overrides")
+    ap.add_argument("--paired", action="store_true",
+                    help="all rows in this one process, --steps each in turn (CPU time)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--extra", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -283,7 +332,7 @@ def main() -> None:
                                                  for t in thread_counts}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    for round_ in range(args.repeats):
+    for round_ in range(0 if args.paired else args.repeats):
         for threads in thread_counts:
             for impl in impls:
                 r = spawn(impl, threads, args)
@@ -293,13 +342,18 @@ def main() -> None:
                     if "images_per_s" in r else r.get("error")
                 print(f"round {round_ + 1}/{args.repeats} threads {threads} {impl}: {shown}",
                       file=sys.stderr, flush=True)
+    if args.paired:
+        args.threads = str(thread_counts[0])
+        results = {thread_counts[0]: paired(impls, args)}
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     import torch
 
+    how = ("one process, the rows in turn" if args.paired
+           else "a fresh process per run")
     print(f"\n`{' '.join(['python', 'benchmarks/throughput.py'] + sys.argv[1:])}`; {started}; "
-          f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; batch 256 "
-          f"(recipe), {args.warmup} warm-up + {args.steps} timed steps per run, fresh process "
-          f"per run, {args.repeats} interleaved rounds; load average {load_before:.1f} before, "
+          f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; the recipe's "
+          f"batch; {args.warmup} warm-up + {args.steps} timed steps per run, {how}, "
+          f"{args.repeats} interleaved rounds; load average {load_before:.1f} before, "
           f"{load_after:.1f} after; overrides {args.set or 'none'}\n")
     print(table(results, impls))
     if args.json:
