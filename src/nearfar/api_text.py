@@ -143,6 +143,8 @@ def train_text_pairs(rec, values: dict[str, Any], dataset: TextPairDataset, run_
                            "tokenizer": method.tokenizer.state_dict()})
     # tokenize once: the training loop then only indexes token ids
     tokens = method.tokenize_dataset(train_ds)
+    if not resume:
+        method.init_from_corpus(tokens)   # e.g. IDF token weights (a resume loads its own)
     trainable = train_ds.subset(range(len(train_ds)))
     trainable.extras = tokens
     fit = Trainer(method, trainable, config, run_dir=run_dir).fit(resume=resume)

@@ -74,7 +74,8 @@ class BagOfTokens(nn.Module):
 
     def __init__(self, vocab_size: int, *, width: int = 128, pad_id: int = PAD_ID) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, width, padding_idx=pad_id)
+        # a bag sum never materialises the (B, L, width) token embeddings
+        self.embedding = nn.EmbeddingBag(vocab_size, width, mode="sum", padding_idx=pad_id)
         self.log_weight = nn.Embedding(vocab_size, 1)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
         self.pad_id, self.out_dim, self.vocab_size = int(pad_id), int(width), int(vocab_size)
@@ -89,9 +90,24 @@ class BagOfTokens(nn.Module):
         """(B, L) token ids -> (B, width)."""
         keep = (tokens != self.pad_id).to(self.embedding.weight.dtype)
         w = self.log_weight(tokens).squeeze(-1).exp() * keep
-        h = (self.embedding(tokens) * w[..., None]).sum(1) / w.sum(1, keepdim=True
-                                                                  ).clamp(min=1e-6)
+        h = self.embedding(tokens, per_sample_weights=w) / w.sum(1, keepdim=True
+                                                                ).clamp(min=1e-6)
         return h + self.mlp(h)
+
+    @torch.no_grad()
+    def init_idf(self, *token_rows: Tensor) -> None:
+        """Start the token weights at their inverse document frequency,
+        ``log((1 + N) / (1 + df)) + 1`` over the given (N_i, L) token rows (smoothed IDF as
+        in scikit-learn): the untrained encoder is then a random projection of TF-IDF."""
+        df = torch.zeros(self.vocab_size, dtype=torch.float64)
+        n = 0
+        for rows in token_rows:
+            present = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool)
+            present.scatter_(1, rows.cpu(), True)
+            df += present.sum(0)
+            n += len(rows)
+        idf = torch.log((1 + n) / (1 + df)) + 1
+        self.log_weight.weight[:, 0] = idf.log().to(self.log_weight.weight)
 
 
 def _same_text(rows: Tensor) -> Tensor:
@@ -205,6 +221,14 @@ class DualEncoder(Method):
         """Texts -> (B, L) token ids, cut at the side's length and padded to the longest."""
         length = self.query_length if side == "query" else self.document_length
         return _trim(self.tokenizer.encode(texts, length))
+
+    def init_from_corpus(self, tokens: dict[str, Tensor]) -> None:
+        """Corpus statistics before training: for the ``bag`` backbone, IDF token weights
+        from the training set's query and document token rows (see
+        :meth:`BagOfTokens.init_idf`); nothing for the other backbones."""
+        for tower in (self.encoder, self.document_encoder):
+            if isinstance(tower, BagOfTokens):
+                tower.init_idf(tokens["query_tokens"], tokens["document_tokens"])
 
     def tokenize_dataset(self, ds: Any) -> dict[str, Tensor]:
         """Token ids of a whole :class:`~nearfar.data.TextPairDataset`, once (so the training
