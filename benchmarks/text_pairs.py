@@ -75,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, str, dict[str, float]]] = []
 
     torch.manual_seed(values["seed"])
-    rows.append(("dual encoder (bag), random init", "-", _scores(
-        evaluate_text_pairs(build_dual_encoder(values, train), test))))
+    untrained = build_dual_encoder(values, train)
+    rows.append(("dual encoder (bag), random weights", "-", _scores(
+        evaluate_text_pairs(untrained, test))))
+    untrained.init_from_corpus(untrained.tokenize_dataset(train))
+    rows.append(("dual encoder (bag), random weights + IDF token weights", "IDF of train texts",
+                 _scores(evaluate_text_pairs(untrained, test))))
     rows.append(("TF-IDF on the same code pieces", "fit on train texts", tfidf_row(train, test)))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
