@@ -4,7 +4,9 @@ For each recipe: measure its training throughput in a short calibration, size th
 cosine schedule so it ends with the budget, train (no labels except where the method
 is supervised: supcon, supcon_mixed), then report what applies on the held-out split:
 kNN top-1 and linear probe on frozen features, zero-shot accuracy and image-to-text
-recall@1 / @5 for image-text recipes.
+recall@1 / @5 for image-text recipes, query -> document recall@1 and MRR on held-out
+groups for text-pair recipes (which keep their own step count, capped by the budget:
+their held-out retrieval peaks early).
 
     python benchmarks/methods.py --budget 60
     python benchmarks/methods.py --budget 30 --recipes default,moco_v2,clip_shapes
@@ -30,7 +32,8 @@ import nearfar.api as api  # noqa: E402
 
 COLUMNS = [("knn_top1", "kNN"), ("linear_probe_top1", "probe"),
            ("zero_shot", "zero-shot"), ("image_to_text_recall@1", "i2t R@1"),
-           ("image_to_text_recall@5", "i2t R@5")]
+           ("image_to_text_recall@5", "i2t R@5"),
+           ("query_to_document_recall@1", "q2d R@1"), ("query_to_document_mrr", "q2d MRR")]
 
 
 def packaged_recipes() -> list[str]:
@@ -48,10 +51,13 @@ def metric(results: list[dict], prefix: str) -> float | None:
 def run(name: str, budget: float) -> dict:
     recipe = api.as_recipe(name)
     ds = api.load_source(recipe["data"])
-    train, _ = api.split_source(ds, recipe["data"], recipe["seed"])
-    rate = calibrate(recipe, train, steps=5)
-    batch = recipe["trainer"]["batch_size"] * recipe["trainer"]["accumulate"]
-    steps = max(10, int(budget * rate / batch))
+    if getattr(ds, "modality", "image") == "text-text":
+        steps = recipe["trainer"]["steps"]
+    else:
+        train, _ = api.split_source(ds, recipe["data"], recipe["seed"])
+        rate = calibrate(recipe, train, steps=5)
+        batch = recipe["trainer"]["batch_size"] * recipe["trainer"]["accumulate"]
+        steps = max(10, int(budget * rate / batch))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = api.train(recipe, overrides=[f"trainer.steps={steps}",
