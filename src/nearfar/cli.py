@@ -50,7 +50,7 @@ def _print_results(results: list[dict]) -> None:
         print("no held-out results (no labels, and no label-free protocol applied)")
     for r in results:
         p = r.get("protocol") or {}
-        print(f"  {r['metric']:<26} {r['value']:9.4f}  [{_protocol_words(p)}]")
+        print(f"  {r['metric']:<28} {r['value']:9.4f}  [{_protocol_words(p)}]")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
