@@ -320,3 +320,29 @@ def test_methods_accept_an_encoder_module_and_reject_bad_knobs():
         build("dino", local_scale=(0.5, 0.1))
     with pytest.raises(ValueError, match="method 'vicreg': bad keyword arguments"):
         build("vicreg", temperature=0.1)
+
+
+def test_dino_teacher_temperature_warmup_is_linear_and_used_by_the_loss():
+    from nearfar.methods import DINO
+
+    torch.manual_seed(0)
+    m = DINO("mlp", None, encoder_kwargs={"in_dim": 64, "hidden_dims": [32], "out_dim": 16},
+             local_crops=0, num_prototypes=8, hidden_dim=16, bottleneck_dim=8,
+             teacher_temperature=0.07, warmup_teacher_temperature=0.04,
+             teacher_temperature_warmup=0.5)
+    assert m.teacher_temperature_at(0.0) == pytest.approx(0.04)
+    assert m.teacher_temperature_at(0.25) == pytest.approx(0.055)
+    assert m.teacher_temperature_at(0.5) == m.teacher_temperature_at(0.9) == 0.07
+    assert m.describe()["objective"]["temperature"]["teacher_warmup"]["from"] == 0.04
+    m.eval()                  # no center update: the same batch can be scored twice
+    batch = {"images": torch.rand(6, 1, 8, 8)}
+    entropy = {}
+    for progress in (0.0, 0.25, 0.5):
+        m.progress.fill_(progress)   # a buffer: a resumed run sees the same schedule
+        out = m.loss(batch, torch.Generator().manual_seed(0))
+        assert m.dino.teacher_temperature == pytest.approx(m.teacher_temperature_at(progress))
+        entropy[progress] = float(out.metrics["teacher_entropy"])
+    # a warmer teacher gives softer (higher-entropy) targets
+    assert entropy[0.0] < entropy[0.25] < entropy[0.5]
+    with pytest.raises(ValueError, match="teacher_temperature_warmup"):
+        DINO("mlp", None, encoder_kwargs={"in_dim": 64}, teacher_temperature_warmup=2.0)

@@ -79,6 +79,11 @@ class DINO(TwoViewMethod):
             (DINO's 96/224), or the input size when the encoder takes fixed-size
             vectors (an ``mlp`` with ``in_dim``).
         student_temperature, teacher_temperature: DINO 0.1 and 0.04.
+        warmup_teacher_temperature, teacher_temperature_warmup: the teacher temperature
+            starts at ``warmup_teacher_temperature`` and moves linearly to
+            ``teacher_temperature`` over the first ``teacher_temperature_warmup`` fraction
+            of training (DINO: 0.04 -> 0.07 over the first 30 epochs: a soft teacher
+            early, while the prototypes are still random). None / 0 keeps it constant.
         center_momentum: of the teacher's running center (DINO: 0.9).
         base_momentum, momentum_schedule: the teacher's EMA (DINO: 0.996, cosine to 1).
         freeze_prototypes: fraction of training during which the prototypes (the head's
@@ -103,7 +108,9 @@ class DINO(TwoViewMethod):
                  local_scale: Sequence[float] = (0.05, 0.4),
                  local_size: int | Sequence[int] | None = None,
                  student_temperature: float = 0.1, teacher_temperature: float = 0.04,
-                 center_momentum: float = 0.9, base_momentum: float = 0.996,
+                 warmup_teacher_temperature: float | None = None,
+                 teacher_temperature_warmup: float = 0.0, center_momentum: float = 0.9,
+                 base_momentum: float = 0.996,
                  momentum_schedule: str = "cosine", freeze_prototypes: float = 0.0,
                  embed_with: str = "teacher",
                  encoder_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
@@ -141,10 +148,28 @@ class DINO(TwoViewMethod):
             center_momentum, "center_momentum", low=0.0, high=1.0),
             student_temperature=student_temperature, teacher_temperature=teacher_temperature)
         self.views_per_item = 2 + self.local_crops
+        self.final_teacher_temperature = float(teacher_temperature)
+        self.teacher_temperature_warmup = check_number(
+            teacher_temperature_warmup, "teacher_temperature_warmup", low=0.0, high=1.0)
+        if warmup_teacher_temperature is None:
+            self.warmup_teacher_temperature = self.final_teacher_temperature
+        else:
+            self.warmup_teacher_temperature = check_number(
+                warmup_teacher_temperature, "warmup_teacher_temperature", low=0.0,
+                low_open=True)
+        self.dino.teacher_temperature = self.teacher_temperature_at(0.0)
         self._local: dict[tuple[int, int], tuple[Compose, bool]] = {}
 
     def _online(self) -> nn.Module:
         return nn.Sequential(self.encoder, self.head)
+
+    def teacher_temperature_at(self, progress: float) -> float:
+        """The teacher temperature at a point of training (0 = start, 1 = end)."""
+        warm = self.teacher_temperature_warmup
+        if warm <= 0 or progress >= warm:
+            return self.final_teacher_temperature
+        start, end = self.warmup_teacher_temperature, self.final_teacher_temperature
+        return start + (end - start) * progress / warm
 
     def embed(self, x: Tensor) -> Tensor:
         encoder = self.teacher.module[0] if self.embed_with == "teacher" else self.encoder
@@ -179,6 +204,7 @@ class DINO(TwoViewMethod):
         k = self.head.num_prototypes
         glob = torch.cat([g1, g2]).contiguous(memory_format=self.memory_format)
         frozen = self.freeze_prototypes > 0 and float(self.progress) < self.freeze_prototypes
+        self.dino.teacher_temperature = self.teacher_temperature_at(float(self.progress))
 
         def student_fn(v: Tensor) -> Tensor:
             return self.head(self.encode(v), freeze_prototypes=frozen)
@@ -232,7 +258,12 @@ class DINO(TwoViewMethod):
                         "distribution of each global view and the student distribution of "
                         "every other crop",
                 "temperature": {"student": self.dino.student_temperature,
-                                "teacher": self.dino.teacher_temperature},
+                                "teacher": self.final_teacher_temperature,
+                                **({"teacher_warmup": {
+                                    "from": self.warmup_teacher_temperature,
+                                    "over_fraction": self.teacher_temperature_warmup,
+                                    "schedule": "linear"}}
+                                   if self.teacher_temperature_warmup > 0 else {})},
                 "center_momentum": self.dino.momentum,
                 "center_statistics": processes_card(self.gather),
                 "prototypes_frozen_for": self.freeze_prototypes,
