@@ -238,6 +238,11 @@ def test_recipe_run_learns_on_held_out_modules_and_reloads(tmp_path):
     assert math.isclose(_mrr(again), trained, rel_tol=1e-6)
     assert main(["eval", str(tmp_path / "run")]) == 0
     assert main(["card", "check", str(tmp_path / "run")]) == 0
+    # commands made for image encoders say so in one line instead of failing deep inside
+    for argv in (["audit", str(tmp_path / "run"), "--group-by", "group"],
+                 ["index", "build", str(tmp_path / "run"), "--out", str(tmp_path / "idx")],
+                 ["views", "text_pairs", "--out", str(tmp_path / "v.png")]):
+        assert main(argv) == 2, argv
 
 
 def test_trainer_takes_text_only_data():

@@ -134,9 +134,16 @@ def cmd_views(args: argparse.Namespace) -> int:
 
     rec = as_recipe(args.recipe, args.set)
     ds = load_source(rec["data"])
+    if getattr(ds, "images", None) is None:
+        raise CommandError(f"views: the recipe's data ({rec['data']['source']}) has no images "
+                           f"to draw views of (text pairs are positives as given)")
     g = torch.Generator().manual_seed(rec["seed"])
-    idx = torch.randperm(len(ds), generator=g)[: args.pairs]
     views = build_views(rec["views"])
+    if views is None:
+        raise CommandError(f"views: the recipe makes no views (views.preset = "
+                           f"{rec['views']['preset']!r}): its positives come from the data "
+                           f"itself")
+    idx = torch.randperm(len(ds), generator=g)[: args.pairs]
     x = ds.images[idx].float() / 255.0
     v1, v2 = views(x, g)
     path = save_pair_grid(v1, v2, args.out, nrow=args.nrow, max_pairs=args.pairs)

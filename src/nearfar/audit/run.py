@@ -87,6 +87,11 @@ def audit_run(run_dir: str | os.PathLike, *, group_by: str, data: dict[str, Any]
         raise AuditError("shift: give a corruption (--shift) or another dataset "
                          "(--shift-source), not both")
     values = _run_values(run)
+    if values["method"]["name"] == "dual_encoder":
+        raise AuditError(f"{run}: a text-pair run (dual encoder); `nearfar audit` audits image "
+                         f"encoders. Score a text encoder per group with nearfar.audit's "
+                         f"functions on its query / document embeddings "
+                         f"(nearfar.load(run).embed_queries)")
     enc = load(run, device=device)
     data_cfg = dict(values["data"])
     if data:

@@ -68,6 +68,11 @@ def bind_run(run_dir: str | os.PathLike, *, device: str = "auto") -> BoundEncode
     run = Path(run_dir)
     sha = weights_sha256(run)
     encoder = load(run, device=device)
+    if not hasattr(encoder, "image_shape"):
+        raise IndexStoreError(f"{run}: a text-pair run (dual encoder); `nearfar index` indexes "
+                              f"image embeddings. Embed documents with "
+                              f"nearfar.load(run).embed_documents(texts) and search them with "
+                              f"the query embeddings")
     card_sha = ((encoder.card or {}).get("encoder") or {}).get("weights_sha256")
     if card_sha and card_sha != sha:
         raise EncoderMismatchError(f"{run}: the card records weights {card_sha[:12]}... but "
