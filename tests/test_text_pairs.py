@@ -297,3 +297,37 @@ def test_idf_initialisation_matches_the_smoothed_formula():
         df = sum(word in doc for doc in docs)
         expected = math.log((1 + 4) / (1 + df)) + 1
         assert math.isclose(float(weights[tok.index[word]]), expected, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("backbone,shared", [("bag", True), ("transformer", False)])
+def test_dual_encoder_cached_gradients_equal_the_plain_ones(backbone, shared):
+    tok = CodeTokenizer.from_texts(["return the sum of a and b", "def add(a, b): return a + b",
+                                    "open the file", "def open_file(path): pass", "x y z w"])
+    texts_q = ["return the sum", "open the file", "x y", "the sum of a", "z w x", "a and b",
+               "file path", "open"]
+    texts_d = ["def add(a, b): return a + b", "def open_file(path): pass", "x = y",
+               "return a", "w(z)", "a + b", "path", "def f(): open"]
+
+    def run(chunk):
+        torch.manual_seed(0)
+        m = DualEncoder(tokenizer=tok, backbone=backbone, shared=shared, width=16, embed_dim=8,
+                        layers=1, heads=2, query_length=12, document_length=16,
+                        grad_cache_chunk=chunk).double()
+        # (dropout is replayed per chunk, so it matches a chunked plain pass, not a whole-
+        # batch one: tests/test_grad_cache.py covers that; here the towers have none)
+        batch = {"query_tokens": tok.encode(texts_q, 12),
+                 "document_tokens": tok.encode(texts_d, 16)}
+        out = m.loss(batch)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad for n, p in m.named_parameters()}
+
+    plain_loss, plain = run(None)
+    cached_loss, cached = run(3)                 # chunks of 3, 3, 2 rows
+    assert torch.allclose(plain_loss, cached_loss, atol=1e-12)
+    for name, g in plain.items():
+        if g is None:
+            assert cached[name] is None or torch.count_nonzero(cached[name]) == 0, name
+        else:
+            assert torch.allclose(g, cached[name], atol=1e-10), name
+    with pytest.raises(ValueError, match="grad_cache_chunk"):
+        DualEncoder(tokenizer=tok, backbone="bag", grad_cache_chunk=0)

@@ -140,6 +140,11 @@ class DualEncoder(Method):
         token_dropout: during training, each non-special token is replaced by the unknown
             token with this probability (an augmentation of the texts: two draws of a
             pair differ; it slows the memorisation of small corpora).
+        grad_cache_chunk: embed queries and documents this many at a time with cached
+            gradients (GradCache, Gao et al., 2021, made for exactly this: dense retrievers
+            with large in-batch negatives): the loss and gradients of the whole batch, the
+            tower's activation memory of one chunk (e.g. the MiniLM tower at batch 256 on a
+            CPU). None (default) embeds each side at once.
         gather, local_loss: under ``torchrun``, contrast against every process's batch
             (see :mod:`nearfar.methods.processes`); duplicate exclusion then applies within
             each process's batch only, so it is off when gathering.
@@ -157,8 +162,9 @@ class DualEncoder(Method):
                  width: int = 128, layers: int = 2, heads: int = 4, dropout: float = 0.0,
                  embed_dim: int = 128, temperature: float = 0.05, max_scale: float = 100.0,
                  exclude_duplicates: bool = True, token_dropout: float = 0.0,
-                 gather: bool | None = None, local_loss: bool = False,
-                 encoder_kwargs: Any = None, seed: int = 0, tile: int | None = None) -> None:
+                 grad_cache_chunk: int | None = None, gather: bool | None = None,
+                 local_loss: bool = False, encoder_kwargs: Any = None, seed: int = 0,
+                 tile: int | None = None) -> None:
         super().__init__()
         if encoder not in (None, "text", "text_transformer"):
             raise ValueError(f"encoder: the dual encoder builds its own text towers (set "
@@ -210,6 +216,9 @@ class DualEncoder(Method):
                              f"{token_dropout!r}")
         self.token_dropout = float(token_dropout)
         self.gather, self.local_loss = check_gather_option(gather), check_local_loss(local_loss)
+        if grad_cache_chunk is not None:
+            grad_cache_chunk = _positive_int(grad_cache_chunk, "grad_cache_chunk")
+        self.grad_cache_chunk = grad_cache_chunk
         special = getattr(self.tokenizer, "special_ids", (PAD_ID, UNK_ID, BOS_ID, EOS_ID))
         self.register_buffer("_special_ids", torch.tensor(special), persistent=False)
         self._unk_id = int(getattr(self.tokenizer, "unk_id", UNK_ID))
@@ -265,6 +274,21 @@ class DualEncoder(Method):
             return self.projection(self.encoder(tokens))
         return self.document_projection(self.document_encoder(tokens))
 
+    def _side_parameters(self, side: str) -> list[Tensor]:
+        modules = [self.encoder, self.projection] if side == "query" or self.shared else \
+            [self.document_encoder, self.document_projection]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def _embed_batch(self, tokens: Tensor, side: str) -> Tensor:
+        """(B, L) tokens -> (B, embed_dim), with cached gradients when configured."""
+        if self.grad_cache_chunk is None:
+            return self._embed_tokens(tokens, side)
+        from nearfar.methods.grad_cache import cached_gradient_forward
+
+        return cached_gradient_forward(lambda t: self._embed_tokens(_trim(t), side), tokens,
+                                       self.grad_cache_chunk, module=self,
+                                       params=self._side_parameters(side))
+
     def _embed_texts(self, texts: Sequence[str] | str, side: str, batch_size: int) -> Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
         device = self.logit_scale.logit_scale.device
@@ -301,8 +325,8 @@ class DualEncoder(Method):
         if q_tokens.shape[0] != d_tokens.shape[0] or q_tokens.shape[0] < 2:
             raise ValueError(f"batch: expected the same number (>= 2) of queries and documents, "
                              f"got {q_tokens.shape[0]} and {d_tokens.shape[0]}")
-        q = self._embed_tokens(self._drop_tokens(q_tokens, generator), "query")
-        d = self._embed_tokens(self._drop_tokens(d_tokens, generator), "document")
+        q = self._embed_batch(self._drop_tokens(q_tokens, generator), "query")
+        d = self._embed_batch(self._drop_tokens(d_tokens, generator), "document")
         n = q.shape[0]
         idx = torch.arange(n, device=q.device)
         metrics: dict[str, Any] = {}
@@ -366,6 +390,8 @@ class DualEncoder(Method):
             },
             "modality": self.modality,
             "encoder": {"class": type(self.encoder).__name__, **tower,
+                        **({"grad_cache_chunk": self.grad_cache_chunk}
+                           if self.grad_cache_chunk is not None else {}),
                         "source": getattr(self.encoder, "source", "trained from scratch")},
             "tokenizer": self.tokenizer.describe(),
             "embedding_dim": self.embed_dim,
