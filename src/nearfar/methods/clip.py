@@ -28,8 +28,9 @@ from nearfar.methods.processes import (
     processes_card,
 )
 from nearfar.methods.registry import register_method
+from nearfar.methods.two_view import check_int
 from nearfar.nn import parameter_count, resolve_encoder
-from nearfar.nn.text import PAD_ID, TextTransformer, build_tokenizer, texts_to_utf8
+from nearfar.nn.text import TextTransformer, build_tokenizer, texts_to_utf8, trim_padding
 
 LOSSES = ("clip", "siglip")
 
@@ -46,18 +47,6 @@ class Tower(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.projection(self.backbone(x))
-
-
-def _trim(tokens: Tensor) -> Tensor:
-    """Drop the columns that are padding in every row (attention cost grows with L)."""
-    longest = int((tokens != PAD_ID).sum(1).max()) if tokens.numel() else 1
-    return tokens[:, :max(longest, 1)]
-
-
-def _positive_int(value: object, name: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    return value
 
 
 @register_method("clip")
@@ -121,14 +110,14 @@ class CLIP(Method):
             raise ValueError(f"loss: expected 'clip' or 'siglip', got {loss!r}")
         if augment and not callable(views):
             raise ValueError("views: augment=True needs views, a callable (images, generator)")
-        embed_dim = _positive_int(embed_dim, "embed_dim")
-        self.context_length = _positive_int(context_length, "context_length", 2)
+        embed_dim = check_int(embed_dim, "embed_dim")
+        self.context_length = check_int(context_length, "context_length", low=2)
         self.tokenizer = build_tokenizer(tokenizer, vocabulary=vocabulary)
         self.encoder = Tower(encoder, embed_dim)
         text = TextTransformer(self.tokenizer.vocab_size, context_length=self.context_length,
-                               width=_positive_int(text_width, "text_width"),
-                               layers=_positive_int(text_layers, "text_layers"),
-                               heads=_positive_int(text_heads, "text_heads"),
+                               width=check_int(text_width, "text_width"),
+                               layers=check_int(text_layers, "text_layers"),
+                               heads=check_int(text_heads, "text_heads"),
                                pooling=text_pooling)
         self.text_encoder = Tower(text, embed_dim)
         self.loss_name = loss
@@ -151,7 +140,7 @@ class CLIP(Method):
 
     def tokenize(self, texts: Sequence[str] | str) -> Tensor:
         """Texts -> (B, L) token ids, cut at context_length and padded to the longest."""
-        return _trim(self.tokenizer.encode(texts, self.context_length))
+        return trim_padding(self.tokenizer.encode(texts, self.context_length))
 
     def embed_text(self, tokens: Tensor) -> Tensor:
         """(B, L) token ids (from :meth:`tokenize`) -> (B, embed_dim) text embeddings."""
@@ -183,7 +172,7 @@ class CLIP(Method):
                                  f"{sorted(batch)}")
             if isinstance(text, (list, tuple)):
                 text = texts_to_utf8(text)
-            tokens = _trim(self.tokenizer.encode_utf8(text, self.context_length))
+            tokens = trim_padding(self.tokenizer.encode_utf8(text, self.context_length))
         return tokens
 
     # ---------------------------------------------------------------- objective

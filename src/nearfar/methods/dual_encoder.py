@@ -32,6 +32,7 @@ from nearfar.methods.processes import (
     processes_card,
 )
 from nearfar.methods.registry import register_method
+from nearfar.methods.two_view import check_int
 from nearfar.nn import parameter_count
 from nearfar.nn.text import (
     BOS_ID,
@@ -40,22 +41,10 @@ from nearfar.nn.text import (
     UNK_ID,
     TextTransformer,
     build_tokenizer,
-    texts_to_utf8,
+    trim_padding,
 )
 
 BACKBONES = ("transformer", "bag", "minilm")
-
-
-def _positive_int(value: object, name: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    return value
-
-
-def _trim(tokens: Tensor) -> Tensor:
-    """Drop the columns that are padding in every row (attention cost grows with L)."""
-    longest = int((tokens != PAD_ID).sum(1).max()) if tokens.numel() else 1
-    return tokens[:, :max(longest, 1)]
 
 
 class BagOfTokens(nn.Module):
@@ -178,9 +167,9 @@ class DualEncoder(Method):
             width = embed_dim = MINILM_DIM
         else:
             self.tokenizer = build_tokenizer(tokenizer, vocabulary=vocabulary)
-        self.query_length = _positive_int(query_length, "query_length", 2)
-        self.document_length = _positive_int(document_length, "document_length", 2)
-        width, embed_dim = _positive_int(width, "width"), _positive_int(embed_dim, "embed_dim")
+        self.query_length = check_int(query_length, "query_length", low=2)
+        self.document_length = check_int(document_length, "document_length", low=2)
+        width, embed_dim = check_int(width, "width"), check_int(embed_dim, "embed_dim")
         self.backbone_name, self.shared = backbone, bool(shared)
         self.settings = {"width": width, "layers": layers, "heads": heads, "dropout": dropout}
 
@@ -192,8 +181,8 @@ class DualEncoder(Method):
                 return BagOfTokens(self.tokenizer.vocab_size, width=width)
             return TextTransformer(self.tokenizer.vocab_size,
                                    context_length=max(self.query_length, self.document_length),
-                                   width=width, layers=_positive_int(layers, "layers"),
-                                   heads=_positive_int(heads, "heads"), dropout=float(dropout),
+                                   width=width, layers=check_int(layers, "layers"),
+                                   heads=check_int(heads, "heads"), dropout=float(dropout),
                                    pooling="mean")
 
         self.encoder = tower()                      # the query tower (and documents if shared)
@@ -217,7 +206,7 @@ class DualEncoder(Method):
         self.token_dropout = float(token_dropout)
         self.gather, self.local_loss = check_gather_option(gather), check_local_loss(local_loss)
         if grad_cache_chunk is not None:
-            grad_cache_chunk = _positive_int(grad_cache_chunk, "grad_cache_chunk")
+            grad_cache_chunk = check_int(grad_cache_chunk, "grad_cache_chunk")
         self.grad_cache_chunk = grad_cache_chunk
         special = getattr(self.tokenizer, "special_ids", (PAD_ID, UNK_ID, BOS_ID, EOS_ID))
         self.register_buffer("_special_ids", torch.tensor(special), persistent=False)
@@ -229,7 +218,7 @@ class DualEncoder(Method):
     def tokenize(self, texts: Sequence[str] | str, side: str = "query") -> Tensor:
         """Texts -> (B, L) token ids, cut at the side's length and padded to the longest."""
         length = self.query_length if side == "query" else self.document_length
-        return _trim(self.tokenizer.encode(texts, length))
+        return trim_padding(self.tokenizer.encode(texts, length))
 
     def init_from_corpus(self, tokens: dict[str, Tensor]) -> None:
         """Corpus statistics before training: for the ``bag`` backbone, IDF token weights
@@ -248,14 +237,14 @@ class DualEncoder(Method):
     def _tokens(self, batch: dict[str, Any], side: str) -> Tensor:
         tokens = batch.get(f"{side}_tokens")
         if isinstance(tokens, Tensor):
-            return _trim(tokens)
+            return trim_padding(tokens)
         rows = batch.get(side)
         if not isinstance(rows, Tensor) or rows.dtype != torch.uint8 or rows.ndim != 2:
             got = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
             raise ValueError(f"batch: expected {side}_tokens (B, L) token ids or {side} "
                              f"(B, W) uint8 UTF-8 rows (a TextPairDataset's extras), got {got}")
         length = self.query_length if side == "query" else self.document_length
-        return _trim(self.tokenizer.encode_utf8(rows, length))
+        return trim_padding(self.tokenizer.encode_utf8(rows, length))
 
     def _drop_tokens(self, tokens: Tensor, generator: torch.Generator | None) -> Tensor:
         """Replace each non-special token by <unk> with probability ``token_dropout``."""
@@ -285,7 +274,7 @@ class DualEncoder(Method):
             return self._embed_tokens(tokens, side)
         from nearfar.methods.grad_cache import cached_gradient_forward
 
-        return cached_gradient_forward(lambda t: self._embed_tokens(_trim(t), side), tokens,
+        return cached_gradient_forward(lambda t: self._embed_tokens(trim_padding(t), side), tokens,
                                        self.grad_cache_chunk, module=self,
                                        params=self._side_parameters(side))
 
@@ -316,7 +305,7 @@ class DualEncoder(Method):
         """(B, L) query token ids, or (B, W) uint8 UTF-8 rows -> (B, embed_dim)."""
         if x.dtype == torch.uint8:
             x = self.tokenizer.encode_utf8(x, self.query_length)
-        return self._embed_tokens(_trim(x), "query")
+        return self._embed_tokens(trim_padding(x), "query")
 
     # ---------------------------------------------------------------- objective
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
@@ -398,4 +387,4 @@ class DualEncoder(Method):
         }
 
 
-__all__ = ["BagOfTokens", "DualEncoder", "texts_to_utf8"]
+__all__ = ["BagOfTokens", "DualEncoder"]

@@ -404,6 +404,13 @@ def build_tokenizer(spec: Any = "char", *, vocabulary: Sequence[str] | None = No
                      f"got {spec!r}")
 
 
+def trim_padding(tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
+    """(B, L) right-padded token rows without the columns that are padding in every row
+    (attention cost grows with L); at least one column is kept."""
+    longest = int((tokens != pad_id).sum(1).max()) if tokens.numel() else 1
+    return tokens[:, :max(longest, 1)]
+
+
 # ------------------------------------------------------------------ text encoder
 
 class TextTransformer(nn.Module):
@@ -492,5 +499,6 @@ class TextTransformer(nn.Module):
 __all__ = [
     "BOS", "DEFAULT_ALPHABET", "EOS", "PAD", "SPECIALS", "UNK", "CharTokenizer", "CodeTokenizer",
     "TextTransformer", "Tokenizer", "WordTokenizer", "build_tokenizer", "texts_to_utf8",
+    "trim_padding",
     "tokenizer_from_state", "utf8_to_texts",
 ]
