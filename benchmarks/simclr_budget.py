@@ -71,45 +71,18 @@ def run_nearfar(budget: float, overrides: list[str], train, test) -> dict:
 
 
 def run_lightly(budget: float, overrides: list[str], train, test) -> dict | None:
-    import _torchvision_stub
+    from _lightly_simclr import lightly_simclr
 
-    _torchvision_stub.install()
+    from nearfar.train.schedule import WarmupCosine
+
+    v = api.as_recipe(None, overrides).values
     try:
-        from lightly.loss import NTXentLoss
-        from lightly.models.modules import SimCLRProjectionHead
+        encoder, opt, step = lightly_simclr(v, train.images)
     except ImportError as exc:
         print(f"lightly not available ({exc}); skipped", file=sys.stderr)
         return None
-    from nearfar.nn import build_encoder
-    from nearfar.train.schedule import WarmupCosine
-
-    recipe = api.as_recipe(None, overrides)
-    v = recipe.values
-    torch.manual_seed(v["seed"])
-    enc_kw = {k: x for k, x in v["encoder"].items() if k != "name"}
-    encoder = build_encoder(v["encoder"]["name"], in_channels=train.image_shape[0], **enc_kw)
-    head = SimCLRProjectionHead(encoder.out_dim, v["method"].get("hidden_dim", 512),
-                                v["method"].get("out_dim", 128))
-    model = torch.nn.Sequential(encoder, head)
-    criterion = NTXentLoss(temperature=v["method"].get("temperature", 0.5))
-    views = api.build_views(v["views"])
     t = v["trainer"]
-    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     bs = t["batch_size"]
-    g = torch.Generator().manual_seed(v["seed"])
-    images = train.images
-
-    def step() -> float:
-        idx = torch.randint(0, len(images), (bs,), generator=g)
-        x = images[idx].float() / 255
-        with torch.no_grad():
-            x1, x2 = views(x, g)
-        loss = criterion(model(x1), model(x2))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
     for _ in range(3):
         step()
     t0 = time.perf_counter()
@@ -126,7 +99,7 @@ def run_lightly(budget: float, overrides: list[str], train, test) -> dict | None
         sched.step()
         n += 1
     train_s = time.perf_counter() - t0
-    model.eval()
+    encoder.eval()
     with torch.no_grad():
         tr = torch.cat([encoder(train.images[i:i + 512].float() / 255)
                         for i in range(0, len(train), 512)])

@@ -104,61 +104,28 @@ def nearfar_runner(overrides: list[str], plain: bool):
 def lightly_runner(overrides: list[str], tuned: bool):
     """(run(k) -> last loss, images per step, settings): k steps of the plain lightly loop;
     ImportError when lightly is not installed."""
-    import torch
-
     sys.path.insert(0, str(HERE))
-    import _torchvision_stub
+    from _lightly_simclr import lightly_simclr
 
-    _torchvision_stub.install()
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import SimCLRProjectionHead
-
-    import nearfar.api as api
-    from nearfar.nn import build_encoder
     from nearfar.train.schedule import WarmupCosine
 
     recipe = _recipe(overrides)
     v = recipe.values
-    train = _train_split(recipe)
-    torch.manual_seed(v["seed"])
-    enc_kw = {k: x for k, x in v["encoder"].items() if k != "name"}
-    encoder = build_encoder(v["encoder"]["name"], in_channels=train.image_shape[0], **enc_kw)
-    head = SimCLRProjectionHead(encoder.out_dim, v["method"].get("hidden_dim", 512),
-                                v["method"].get("out_dim", 128))
-    model = torch.nn.Sequential(encoder, head)
-    fmt = torch.channels_last if tuned else torch.contiguous_format
-    model.to(memory_format=fmt)
-    criterion = NTXentLoss(temperature=v["method"].get("temperature", 0.5))
-    views = api.build_views(v["views"])
+    _, opt, step = lightly_simclr(v, _train_split(recipe).images, channels_last=tuned,
+                                  fused=tuned)
     t = v["trainer"]
-    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"],
-                            **({"fused": True} if tuned else {}))
     sched = WarmupCosine(opt, total_steps=t["steps"], warmup_steps=t["warmup_steps"],
                          min_lr_ratio=t["min_lr_ratio"])
-    bs = t["batch_size"]
-    g = torch.Generator().manual_seed(v["seed"])
-    images = train.images
-
-    def step() -> float:
-        idx = torch.randint(0, len(images), (bs,), generator=g)
-        x = images[idx].float() / 255
-        with torch.no_grad():
-            x1, x2 = views(x, g)
-        loss = criterion(model(x1.contiguous(memory_format=fmt)),
-                         model(x2.contiguous(memory_format=fmt)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        return float(loss.detach())
 
     def run(k: int) -> float:
         loss = math.nan
         for _ in range(k):
             loss = step()
+            sched.step()
         return loss
 
-    return run, bs, {"precision": "fp32", "channels_last": tuned, "fused_optimizer": tuned}
+    return run, t["batch_size"], {"precision": "fp32", "channels_last": tuned,
+                                  "fused_optimizer": tuned}
 
 
 def make_runner(impl: str, overrides: list[str], extra: list[str]):
